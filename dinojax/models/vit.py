@@ -1,0 +1,522 @@
+"""The DINO / DINOv2 vision transformer, readable top to bottom.
+
+One Flax NNX `DinoVisionTransformer` covers every official backbone (official-dino.md §1). Modules
+here only *hold* parameters, named like the official state-dict keys (`blocks.attn.qkv.kernel`
+is `blocks.{i}.attn.qkv.weight` transposed, `ls1.gamma`, `mlp.fc1`, ...); the computation is a set
+of pure functions over the parameter dict. That keeps the stacked blocks a plain pytree that
+`jax.lax.scan` / `jax.checkpoint` can walk (jax-ecosystem.md pitfalls 5 and 10) and makes the
+converter a dictionary.
+
+Images are NHWC float32, already normalised. The blocks are stacked (leading axis = depth) and run
+with `jax.lax.scan`; every parameter carries logical sharding names (`out_sharding` metadata).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flax.linen import with_logical_constraint
+from jax.ad_checkpoint import checkpoint_name
+
+from dinojax.models.config import ViTConfig, get_config
+
+Array = jax.Array
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+# ---------------------------------------------------------------------------------------------
+# Initialisers (official-dino.md §1.7)
+# ---------------------------------------------------------------------------------------------
+
+
+def _trunc_normal(std: float):
+    # torch.nn.init.trunc_normal_(std=.02) truncates at absolute +-2, i.e. at +-100 sigma: a plain
+    # normal in practice. Flax's truncated_normal takes the bounds in units of sigma.
+    return jax.nn.initializers.truncated_normal(std, lower=-2.0 / std, upper=2.0 / std)
+
+
+def _constant(value: float):
+    def init(key, shape, dtype):
+        return jnp.full(shape, value, dtype=dtype)
+
+    return init
+
+
+def _torch_default_uniform(fan_in: int):
+    # nn.Conv2d / nn.Linear default init (kaiming_uniform a=sqrt(5)): U(-1/sqrt(fan_in), +).
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def _param(rngs: nnx.Rngs, init, shape: Sequence[int], dtype, names: Sequence[str | None]):
+    # eager_sharding=False: the logical names are metadata resolved by the trainer's rules
+    # (creation happens under `jax.jit(..., out_shardings=...)`), not at construction.
+    value = init(rngs.params(), tuple(shape), dtype)
+    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter holders. `layers` > 0 stacks the parameters with a leading axis of that size.
+# ---------------------------------------------------------------------------------------------
+
+
+def _stack(layers: int, shape: Sequence[int], names: Sequence[str | None]):
+    if layers:
+        return (layers, *shape), ("layers", *names)
+    return tuple(shape), tuple(names)
+
+
+class Linear(nnx.Module):
+    def __init__(self, d_in, d_out, *, bias, names, layers, dtype, rngs):
+        shape, kn = _stack(layers, (d_in, d_out), names)
+        self.kernel = _param(rngs, _trunc_normal(0.02), shape, dtype, kn)
+        if bias:
+            shape, bn = _stack(layers, (d_out,), names[1:])
+            self.bias = _param(rngs, jax.nn.initializers.zeros, shape, dtype, bn)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, dim, *, layers, dtype, rngs):
+        shape, names = _stack(layers, (dim,), ("norm",))
+        self.scale = _param(rngs, jax.nn.initializers.ones, shape, dtype, names)
+        self.bias = _param(rngs, jax.nn.initializers.zeros, shape, dtype, names)
+
+
+class LayerScale(nnx.Module):
+    def __init__(self, dim, init_value, *, layers, dtype, rngs):
+        shape, names = _stack(layers, (dim,), ("norm",))
+        self.gamma = _param(rngs, _constant(init_value), shape, dtype, names)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ViTConfig, *, layers, dtype, rngs):
+        d = cfg.embed_dim
+        self.qkv = Linear(
+            d, 3 * d, bias=cfg.qkv_bias, names=("embed", "qkv"), layers=layers, dtype=dtype,
+            rngs=rngs,
+        )  # fmt: skip
+        self.proj = Linear(
+            d, d, bias=cfg.proj_bias, names=("qkv", "embed"), layers=layers, dtype=dtype, rngs=rngs
+        )
+
+
+class Mlp(nnx.Module):
+    def __init__(self, cfg: ViTConfig, *, layers, dtype, rngs):
+        d, h = cfg.embed_dim, cfg.ffn_hidden_dim
+        b = cfg.ffn_bias
+        self.fc1 = Linear(d, h, bias=b, names=("embed", "mlp"), layers=layers, dtype=dtype, rngs=rngs)
+        self.fc2 = Linear(h, d, bias=b, names=("mlp", "embed"), layers=layers, dtype=dtype, rngs=rngs)
+
+
+class SwiGLUFFN(nnx.Module):
+    def __init__(self, cfg: ViTConfig, *, layers, dtype, rngs):
+        d, h = cfg.embed_dim, cfg.ffn_hidden_dim
+        b = cfg.ffn_bias
+        self.w12 = Linear(d, 2 * h, bias=b, names=("embed", "mlp"), layers=layers, dtype=dtype,
+                          rngs=rngs)  # fmt: skip
+        self.w3 = Linear(h, d, bias=b, names=("mlp", "embed"), layers=layers, dtype=dtype, rngs=rngs)
+
+
+class Block(nnx.Module):
+    """Pre-norm block; all `depth` blocks live in one instance with stacked parameters."""
+
+    def __init__(self, cfg: ViTConfig, *, layers: int, dtype, rngs: nnx.Rngs):
+        d = cfg.embed_dim
+        self.norm1 = LayerNorm(d, layers=layers, dtype=dtype, rngs=rngs)
+        self.attn = Attention(cfg, layers=layers, dtype=dtype, rngs=rngs)
+        self.norm2 = LayerNorm(d, layers=layers, dtype=dtype, rngs=rngs)
+        ffn = SwiGLUFFN if cfg.ffn_layer == "swiglu" else Mlp
+        self.mlp = ffn(cfg, layers=layers, dtype=dtype, rngs=rngs)
+        if cfg.layerscale_init:
+            self.ls1 = LayerScale(d, cfg.layerscale_init, layers=layers, dtype=dtype, rngs=rngs)
+            self.ls2 = LayerScale(d, cfg.layerscale_init, layers=layers, dtype=dtype, rngs=rngs)
+
+
+class _Conv(nnx.Module):
+    def __init__(self, p, d, *, dtype, rngs):
+        init = _torch_default_uniform(3 * p * p)
+        # Flax conv layout (p, p, 3, D) = torch OIHW weight transposed (2, 3, 1, 0).
+        self.kernel = _param(rngs, init, (p, p, 3, d), dtype, (None, None, None, "embed"))
+        self.bias = _param(rngs, init, (d,), dtype, ("embed",))
+
+
+class PatchEmbed(nnx.Module):
+    def __init__(self, cfg: ViTConfig, *, dtype, rngs):
+        p, d = cfg.patch_size, cfg.embed_dim
+        self.proj = _Conv(p, d, dtype=dtype, rngs=rngs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions: the computation
+# ---------------------------------------------------------------------------------------------
+
+
+def _dense(p: dict, x: Array, dtype) -> Array:
+    y = jnp.einsum("...i,io->...o", x, p["kernel"].astype(dtype))
+    if "bias" in p:
+        y = y + p["bias"].astype(dtype)
+    return y
+
+
+def layer_norm(p: dict, x: Array, eps: float) -> Array:
+    """LayerNorm with float32 statistics and the two-pass variance (official-dino.md §1.5)."""
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + eps)
+    y = y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def _gelu(x: Array) -> Array:
+    return jax.nn.gelu(x, approximate=False)  # nn.GELU() is the exact erf form (§1.5)
+
+
+def attention_probs(q: Array, k: Array, scale: float) -> Array:
+    """softmax((q * scale) k^T) in float32, (B, heads, Nq, Nk); the PyPI reference's order."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k)
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def _padded_fused_attention(q, k, v, scale, implementation):
+    # cuDNN refuses odd sequence lengths in training (257/261 tokens, jax-ecosystem.md pitfall
+    # 15): pad the token axis to a multiple of 8 and pass the true lengths so padding is ignored.
+    b, n = q.shape[:2]
+    n_pad = -(-n // 8) * 8
+    if n_pad != n:
+        pad = ((0, 0), (0, n_pad - n), (0, 0), (0, 0))
+        q, k, v = (jnp.pad(t, pad) for t in (q, k, v))
+    lengths = jnp.full((b,), n, dtype=jnp.int32)
+    out = jax.nn.dot_product_attention(
+        q, k, v, scale=scale, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+        implementation=implementation,
+    )  # fmt: skip
+    return out[:, :n]
+
+
+def dot_product_attention(q, k, v, *, scale: float, implementation: str = "xla") -> Array:
+    """One entry point for attention: `xla` (CPU, float32, parity) or fused `cudnn` (bf16 GPU)."""
+    if implementation == "cudnn":
+        return _padded_fused_attention(q, k, v, scale, "cudnn")
+    probs = attention_probs(q, k, scale)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+
+
+def _qkv(p: dict, x: Array, cfg: ViTConfig, dtype):
+    b, n, _ = x.shape
+    # qkv rows are [q | k | v], each split by heads of 64 (official-dino.md §1.4).
+    qkv = checkpoint_name(_dense(p["qkv"], x, dtype), "qkv")
+    qkv = qkv.reshape(b, n, 3, cfg.num_heads, cfg.head_dim)
+    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+
+def _attention(p: dict, x: Array, cfg: ViTConfig, dtype) -> Array:
+    b, n, d = x.shape
+    q, k, v = _qkv(p, x, cfg, dtype)
+    o = dot_product_attention(q, k, v, scale=cfg.head_dim**-0.5, implementation=cfg.attention)
+    o = checkpoint_name(o.reshape(b, n, d), "attn_out")
+    return _dense(p["proj"], o, dtype)
+
+
+def _ffn(p: dict, x: Array, cfg: ViTConfig, dtype) -> Array:
+    if cfg.ffn_layer == "swiglu":
+        h = checkpoint_name(_dense(p["w12"], x, dtype), "mlp_hidden")
+        x1, x2 = jnp.split(h, 2, axis=-1)  # x1 (first half) is the SiLU gate (§1.2)
+        return _dense(p["w3"], jax.nn.silu(x1) * x2, dtype)
+    h = checkpoint_name(_gelu(_dense(p["fc1"], x, dtype)), "mlp_hidden")
+    return _dense(p["fc2"], h, dtype)
+
+
+def _drop_add_residual(x, residual_fn, rate, key, batch_subset):
+    """Residual add with stochastic depth (official-dino.md §1.7)."""
+    if batch_subset:
+        # rate > 0.1: the residual is computed for a random subset of the batch only and added
+        # back scaled by B / subset (drop_add_residual_stochastic_depth).
+        b = x.shape[0]
+        keep = max(int(b * (1 - rate)), 1)
+        idx = jax.random.permutation(key, b)[:keep]
+        res = residual_fn(x[idx])
+        return x.at[idx].add((res * (b / keep)).astype(x.dtype))
+    keep_prob = 1.0 - rate
+    mask = jax.random.bernoulli(key, keep_prob, (x.shape[0], 1, 1))
+    return x + residual_fn(x) * (mask.astype(x.dtype) / keep_prob).astype(x.dtype)
+
+
+def block_forward(p: dict, x: Array, cfg: ViTConfig, *, rate=0.0, key=None) -> Array:
+    """One pre-norm block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x)))."""
+    dtype = x.dtype
+    eps = cfg.layernorm_eps
+
+    def attn_res(y):
+        y = _attention(p["attn"], layer_norm(p["norm1"], y, eps), cfg, dtype)
+        return y * p["ls1"]["gamma"].astype(dtype) if "ls1" in p else y
+
+    def ffn_res(y):
+        y = _ffn(p["mlp"], layer_norm(p["norm2"], y, eps), cfg, dtype)
+        return y * p["ls2"]["gamma"].astype(dtype) if "ls2" in p else y
+
+    if key is None or (isinstance(rate, float) and rate == 0.0):
+        x = x + attn_res(x)
+        x = x + ffn_res(x)
+    else:
+        # v2 picks batch-subset stochastic depth above 0.1; v1 is always per-sample (§1.7).
+        batch_subset = cfg.family == "dinov2" and isinstance(rate, float) and rate > 0.1
+        k1, k2 = jax.random.split(key)
+        x = _drop_add_residual(x, attn_res, rate, k1, batch_subset)
+        x = _drop_add_residual(x, ffn_res, rate, k2, batch_subset)
+    return with_logical_constraint(x, ("batch", None, None))
+
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "qkv_attn": jax.checkpoint_policies.save_only_these_names("qkv", "attn_out"),
+    "qkv_attn_mlp": jax.checkpoint_policies.save_only_these_names("qkv", "attn_out", "mlp_hidden"),
+}
+
+
+def drop_path_rates(cfg: ViTConfig) -> list[float]:
+    if cfg.drop_path_uniform:
+        return [cfg.drop_path_rate] * cfg.depth
+    return [float(r) for r in np.linspace(0, cfg.drop_path_rate, cfg.depth)]
+
+
+def run_blocks(
+    blocks: dict, x: Array, cfg: ViTConfig, start: int, stop: int, *, key=None
+) -> Array:
+    """Blocks [start, stop) over stacked parameters: `lax.scan`, or a Python loop when per-layer
+    rates must be static (non-uniform batch-subset drop path) or `scan_layers=False`."""
+    if stop <= start:
+        return x
+    rates = drop_path_rates(cfg)[start:stop]
+    train = key is not None and max(rates) > 0.0
+    sl = jax.tree.map(lambda a: a[start:stop], blocks)
+
+    def body(h, inputs):
+        p, rate, k = inputs
+        return block_forward(p, h, cfg, rate=rate, key=k), None
+
+    if cfg.remat_policy != "none":
+        body = jax.checkpoint(body, policy=_REMAT[cfg.remat_policy], prevent_cse=False)
+    keys = jax.random.split(key, cfg.depth)[start:stop] if train else None
+    uniform = len(set(rates)) == 1
+    if cfg.scan_layers and (uniform or not train):
+        rate = rates[0] if train else 0.0
+        # A uniform rate stays a static Python float (batch-subset sizes are static shapes).
+        step = lambda h, pk: body(h, (pk[0], rate, pk[1]))  # noqa: E731
+        if train:
+            x, _ = jax.lax.scan(step, x, (sl, keys))
+        else:
+            x, _ = jax.lax.scan(lambda h, p: body(h, (p, 0.0, None)), x, sl)
+        return x
+    for i in range(stop - start):
+        p_i = jax.tree.map(lambda a, i=i: a[i], sl)
+        x, _ = body(x, (p_i, rates[i] if train else 0.0, keys[i] if train else None))
+    return x
+
+
+def _resize_pos_grid(grid: Array, h0: int, w0: int, cfg: ViTConfig) -> Array:
+    m = grid.shape[0]
+    d = grid.shape[-1]
+    if cfg.interpolate_offset:
+        # official-dino.md §1.6 fact 1: F.interpolate(scale_factor=(h0 + 0.1) / M) samples at
+        # (i + 0.5) * M / (h0 + 0.1) - 0.5, which is NOT a resize to (h0, w0). cubic-pytorch is
+        # Keys a=-0.75 with clamped edges (fact 2), or the a=-0.5 antialiased filter (fact 3).
+        scale = jnp.array(
+            [(h0 + cfg.interpolate_offset) / m, (w0 + cfg.interpolate_offset) / m], jnp.float32
+        )
+        return jax.image.scale_and_translate(
+            grid, (h0, w0, d), (0, 1), scale, jnp.zeros(2, jnp.float32),
+            method="cubic-pytorch", antialias=cfg.interpolate_antialias, precision=_HIGHEST,
+        )  # fmt: skip
+    # Register models: size path (§1.6 fact 3), matched by the antialiased a=-0.5 resize.
+    return jax.image.resize(
+        grid, (h0, w0, d), method="cubic-pytorch", antialias=cfg.interpolate_antialias,
+        precision=_HIGHEST,
+    )  # fmt: skip
+
+
+def interpolate_pos_encoding(
+    pos_embed: Array, h0: int, w0: int, height: int, width: int, cfg: ViTConfig
+) -> Array:
+    """Pos-embed for an (h0, w0) patch grid from an (height, width) image (§1.6)."""
+    n = pos_embed.shape[1] - 1
+    # Short-circuit only when the patch count matches AND the image is square in pixels.
+    if h0 * w0 == n and height == width:
+        return pos_embed
+    m = math.isqrt(n)
+    if m * m != n:
+        raise ValueError(f"pos_embed has {n} patch positions, not a square grid")
+    pe = pos_embed.astype(jnp.float32)
+    grid = pe[0, 1:].reshape(m, m, -1)
+    out = _resize_pos_grid(grid, h0, w0, cfg).reshape(1, h0 * w0, -1)
+    return jnp.concatenate([pe[:, :1], out], axis=1).astype(pos_embed.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+class DinoVisionTransformer(nnx.Module):
+    """DINO / DINOv2 ViT. Parameter paths mirror the official state-dict keys (§1.4)."""
+
+    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dt = jnp.dtype(cfg.param_dtype)
+        d, m = cfg.embed_dim, cfg.num_pos_patches
+        self.patch_embed = PatchEmbed(cfg, dtype=dt, rngs=rngs)
+        cls_init = _trunc_normal(0.02) if cfg.family == "dino" else jax.nn.initializers.normal(1e-6)
+        self.cls_token = _param(rngs, cls_init, (1, 1, d), dt, (None, None, "embed"))
+        self.pos_embed = _param(rngs, _trunc_normal(0.02), (1, m + 1, d), dt, (None, None, "embed"))
+        if cfg.num_register_tokens:
+            self.register_tokens = _param(
+                rngs, jax.nn.initializers.normal(1e-6), (1, cfg.num_register_tokens, d), dt,
+                (None, None, "embed"),
+            )  # fmt: skip
+        if cfg.has_mask_token:
+            self.mask_token = _param(rngs, jax.nn.initializers.zeros, (1, d), dt, (None, "embed"))
+        self.blocks = Block(cfg, layers=cfg.depth, dtype=dt, rngs=rngs)
+        self.norm = LayerNorm(d, layers=0, dtype=dt, rngs=rngs)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def params(self) -> dict:
+        """The parameters as a plain nested dict of arrays."""
+        return nnx.to_pure_dict(nnx.state(self, nnx.Param))
+
+    def _grid(self, x: Array) -> tuple[int, int]:
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"expected NHWC images with 3 channels, got shape {x.shape}")
+        p = self.cfg.patch_size
+        h, w = x.shape[1], x.shape[2]
+        if self.cfg.family == "dinov2" and (h % p or w % p):
+            # The v2 PatchEmbed asserts divisibility; hub depth heads pad with CenterPadding.
+            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
+        if h < p or w < p:
+            raise ValueError(f"image size {h}x{w} is smaller than one patch ({p})")
+        return h // p, w // p  # v1's strided conv drops the remainder pixels
+
+    def prepare_tokens(self, params: dict, x: Array, masks: Array | None = None) -> Array:
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        b, height, width, _ = x.shape
+        h0, w0 = self._grid(x)
+        p = cfg.patch_size
+        # Patchify + matmul == the strided conv (row-major patch order, (ph, pw, c) pixel order).
+        x = x[:, : h0 * p, : w0 * p].astype(dtype)
+        x = x.reshape(b, h0, p, w0, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, h0 * w0, -1)
+        pe = params["patch_embed"]["proj"]
+        t = x @ pe["kernel"].reshape(-1, cfg.embed_dim).astype(dtype) + pe["bias"].astype(dtype)
+        if masks is not None:
+            if not cfg.has_mask_token:
+                raise ValueError(f"{cfg.name} (DINO v1) has no mask token: masks are not supported")
+            if masks.shape != (b, h0 * w0):
+                raise ValueError(f"masks must have shape {(b, h0 * w0)}, got {masks.shape}")
+            # The mask token replaces the patch embedding and still gets the pos-embed (§1.5).
+            t = jnp.where(masks[..., None], params["mask_token"].astype(dtype)[None], t)
+        cls = jnp.broadcast_to(params["cls_token"].astype(dtype), (b, 1, cfg.embed_dim))
+        t = jnp.concatenate([cls, t], axis=1)
+        pos = interpolate_pos_encoding(params["pos_embed"], h0, w0, height, width, cfg)
+        t = t + pos.astype(dtype)
+        if cfg.num_register_tokens:
+            # Registers come after the pos-embed add and get no position (§1.5 step 4).
+            reg = jnp.broadcast_to(
+                params["register_tokens"].astype(dtype), (b, cfg.num_register_tokens, cfg.embed_dim)
+            )
+            t = jnp.concatenate([t[:, :1], reg, t[:, 1:]], axis=1)
+        return with_logical_constraint(t, ("batch", None, None))
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def forward_features(
+        self, x: Array, masks: Array | None = None, *, key: Array | None = None
+    ) -> dict[str, Array]:
+        """Official `forward_features`. `key` enables stochastic depth (training)."""
+        params = self.params()
+        cfg = self.cfg
+        t = self.prepare_tokens(params, x, masks)
+        t = run_blocks(params["blocks"], t, cfg, 0, cfg.depth, key=key)
+        n = layer_norm(params["norm"], t, cfg.layernorm_eps)
+        r = cfg.num_register_tokens
+        return {
+            "x_norm_clstoken": n[:, 0],
+            "x_norm_regtokens": n[:, 1 : 1 + r],
+            "x_norm_patchtokens": n[:, 1 + r :],
+            "x_prenorm": t,
+            "masks": masks,
+        }
+
+    def __call__(self, x: Array) -> Array:
+        """Normalised CLS features, like the official `forward(x)`."""
+        return self.forward_features(x)["x_norm_clstoken"]
+
+    def get_intermediate_layers(
+        self,
+        x: Array,
+        n: int | Sequence[int] = 1,
+        reshape: bool = False,
+        return_class_token: bool = False,
+        norm: bool = True,
+    ) -> tuple:
+        """Outputs of the last `n` blocks (or of the 0-based blocks listed in `n`), official
+        semantics (§1.5): final norm applied when `norm`, registers dropped, `reshape` gives
+        (B, h, w, D)."""
+        cfg = self.cfg
+        depth = cfg.depth
+        take = list(range(depth - n, depth)) if isinstance(n, int) else [int(i) for i in n]
+        if not take or any(i < 0 or i >= depth for i in take):
+            raise ValueError(f"block indices {take} out of range for depth {depth}")
+        params = self.params()
+        h0, w0 = self._grid(x)
+        t = self.prepare_tokens(params, x)
+        outs: dict[int, Array] = {}
+        pos = 0
+        for i in sorted(set(take)):
+            t = run_blocks(params["blocks"], t, cfg, pos, i + 1)
+            outs[i] = t
+            pos = i + 1
+        r = cfg.num_register_tokens
+        results = []
+        for i in take:
+            o = layer_norm(params["norm"], outs[i], cfg.layernorm_eps) if norm else outs[i]
+            cls, patches = o[:, 0], o[:, 1 + r :]
+            if reshape:
+                patches = patches.reshape(x.shape[0], h0, w0, -1)
+            results.append((patches, cls) if return_class_token else patches)
+        return tuple(results)
+
+    def get_last_self_attention(self, x: Array) -> Array:
+        """Attention probabilities of the last block, (B, heads, N, N) with N = 1 + R + patches:
+        DINO v1's `get_last_selfattention`, for v2 models too (§1.5)."""
+        cfg = self.cfg
+        params = self.params()
+        t = self.prepare_tokens(params, x)
+        t = run_blocks(params["blocks"], t, cfg, 0, cfg.depth - 1)
+        last = jax.tree.map(lambda a: a[cfg.depth - 1], params["blocks"])
+        y = layer_norm(last["norm1"], t, cfg.layernorm_eps)
+        q, k, _ = _qkv(last["attn"], y, cfg, t.dtype)
+        return attention_probs(q, k, cfg.head_dim**-0.5)
+
+
+def create_model(name: str | ViTConfig, *, seed: int = 0, **overrides) -> DinoVisionTransformer:
+    """Build an official architecture by name (e.g. 'dinov2_vitl14_reg') with random weights.
+
+    Overrides change config fields: img_size, drop_path_rate, layerscale_init,
+    num_register_tokens, depth, dtype, attention, remat_policy, ...
+    """
+    cfg = name.replace(**overrides) if isinstance(name, ViTConfig) else get_config(name, **overrides)
+    return DinoVisionTransformer(cfg, rngs=nnx.Rngs(params=seed))
+
+
+def abstract_params(cfg: ViTConfig) -> dict:
+    """Shapes/dtypes of the parameter dict without allocating it."""
+    model = nnx.eval_shape(lambda: DinoVisionTransformer(cfg, rngs=nnx.Rngs(0)))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
