@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
