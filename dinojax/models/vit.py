@@ -112,8 +112,12 @@ class Mlp(nnx.Module):
     def __init__(self, cfg: ViTConfig, *, layers, dtype, rngs):
         d, h = cfg.embed_dim, cfg.ffn_hidden_dim
         b = cfg.ffn_bias
-        self.fc1 = Linear(d, h, bias=b, names=("embed", "mlp"), layers=layers, dtype=dtype, rngs=rngs)
-        self.fc2 = Linear(h, d, bias=b, names=("mlp", "embed"), layers=layers, dtype=dtype, rngs=rngs)
+        self.fc1 = Linear(
+            d, h, bias=b, names=("embed", "mlp"), layers=layers, dtype=dtype, rngs=rngs
+        )
+        self.fc2 = Linear(
+            h, d, bias=b, names=("mlp", "embed"), layers=layers, dtype=dtype, rngs=rngs
+        )
 
 
 class SwiGLUFFN(nnx.Module):
@@ -122,7 +126,9 @@ class SwiGLUFFN(nnx.Module):
         b = cfg.ffn_bias
         self.w12 = Linear(d, 2 * h, bias=b, names=("embed", "mlp"), layers=layers, dtype=dtype,
                           rngs=rngs)  # fmt: skip
-        self.w3 = Linear(h, d, bias=b, names=("mlp", "embed"), layers=layers, dtype=dtype, rngs=rngs)
+        self.w3 = Linear(
+            h, d, bias=b, names=("mlp", "embed"), layers=layers, dtype=dtype, rngs=rngs
+        )
 
 
 class Block(nnx.Module):
@@ -289,9 +295,7 @@ def drop_path_rates(cfg: ViTConfig) -> list[float]:
     return [float(r) for r in np.linspace(0, cfg.drop_path_rate, cfg.depth)]
 
 
-def run_blocks(
-    blocks: dict, x: Array, cfg: ViTConfig, start: int, stop: int, *, key=None
-) -> Array:
+def run_blocks(blocks: dict, x: Array, cfg: ViTConfig, start: int, stop: int, *, key=None) -> Array:
     """Blocks [start, stop) over stacked parameters: `lax.scan`, or a Python loop when per-layer
     rates must be static (non-uniform batch-subset drop path) or `scan_layers=False`."""
     if stop <= start:
@@ -513,7 +517,9 @@ def create_model(name: str | ViTConfig, *, seed: int = 0, **overrides) -> DinoVi
     Overrides change config fields: img_size, drop_path_rate, layerscale_init,
     num_register_tokens, depth, dtype, attention, remat_policy, ...
     """
-    cfg = name.replace(**overrides) if isinstance(name, ViTConfig) else get_config(name, **overrides)
+    cfg = (
+        name.replace(**overrides) if isinstance(name, ViTConfig) else get_config(name, **overrides)
+    )
     return DinoVisionTransformer(cfg, rngs=nnx.Rngs(params=seed))
 
 
