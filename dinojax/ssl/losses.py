@@ -1,0 +1,238 @@
+"""DINO, iBOT and KoLeo losses (official-dino.md §3), pure functions on GLOBAL arrays.
+
+Batch layout (official-dino.md §3.1): crop-major. Global crops are (2B, ...) = [crop 0 of all B
+images; crop 1 of all B images], local crops (n_local*B, ...) likewise. B is the GLOBAL number of
+images; sharding the batch over a mesh changes nothing in these formulas except for KoLeo (and
+optionally the iBOT center), which the official code computes per GPU: there the number of data
+shards is an explicit static argument.
+
+How the trainer wires one step (teacher side under `jax.lax.stop_gradient`):
+
+    t_cls = swap_global_crops(teacher_head(teacher_cls))           # (2B, K), crop 1 first
+    p_cls, center = centering.center_and_update(t_cls, center, temp)   # or sinkhorn_knopp_teacher
+    buf = masked_token_buffer(masks, upperbound, n_shards=...)      # static-size iBOT buffer
+    p_patch, ibot_center = centering.ibot_center_and_update(t_patch[buf.indices], ...)
+    dino_local, dino_global = dino_loss(s_global, s_local, p_cls)
+    ibot = ibot_patch_loss(s_patch, p_patch, buf.weights, buf.valid, n_images=2B)
+    koleo = koleo_weight * koleo_loss(student_global_cls_backbone, n_shards=...)
+    loss = dino_w * (dino_local + dino_global) + koleo + ibot_w * ibot   # §3.6
+
+Arithmetic is float32 (float64 if the inputs are float64); bf16 inputs are promoted.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from dinojax.ssl.numerics import to_float as _float
+from dinojax.ssl.numerics import true_divide as _div
+
+Array = jax.Array
+
+STUDENT_TEMP = 0.1
+KOLEO_EPS = 1e-8
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _split_crops(x: Array, n_crops: int, what: str) -> Array:
+    if n_crops < 1 or x.shape[0] % n_crops:
+        raise ValueError(
+            f"{what}: expected a crop-major batch whose leading size {x.shape[0]} is a multiple "
+            f"of the number of crops {n_crops}"
+        )
+    return x.reshape(n_crops, x.shape[0] // n_crops, *x.shape[1:])
+
+
+def swap_global_crops(x: Array, n_global_crops: int = 2) -> Array:
+    """Crop-major [crop0; crop1] -> [crop1; crop0] so student crop i meets teacher crop 1-i (§3.2).
+
+    Apply it to the teacher CLS tokens (or logits) before centering / Sinkhorn, like the official
+    code (`torch.cat((chunks[1], chunks[0]))`).
+    """
+    if n_global_crops != 2:
+        raise ValueError(f"the official crop swap needs 2 global crops, got {n_global_crops}")
+    chunks = _split_crops(x, 2, "swap_global_crops")
+    return jnp.concatenate([chunks[1], chunks[0]], axis=0)
+
+
+def cross_entropy(teacher_probs: Array, student_logits: Array, student_temp=STUDENT_TEMP) -> Array:
+    """Per-row H(p, s) = -sum_k p_k log_softmax(s / tau_s)_k (official-dino.md §3.2)."""
+    lsm = jax.nn.log_softmax(_div(_float(student_logits), student_temp), axis=-1)
+    return -jnp.sum(_float(teacher_probs) * lsm, axis=-1)
+
+
+def dino_loss(
+    student_global_logits: Array,
+    student_local_logits: Array | None,
+    teacher_probs: Array,
+    *,
+    n_global_crops: int = 2,
+    student_temp=STUDENT_TEMP,
+) -> tuple[Array, Array]:
+    """DINO CLS loss as the two official terms `(dino_local, dino_global)` (official-dino.md §3.2).
+
+    Args:
+      student_global_logits: (2B, K) student head logits of the global crops, crop-major.
+      student_local_logits: (n_local*B, K) student head logits of the local crops, crop-major,
+        or None / a (0, K) array when there are no local crops.
+      teacher_probs: (2B, K) teacher targets ALREADY SWAPPED (`swap_global_crops` before
+        centering/Sinkhorn): row r is the target of `student_global_logits[r]`.
+
+    Both terms are normalised by n_global_terms + n_local_terms = 2*1 + max(2*n_local, 1)
+    (18 for 2 + 8 crops); their sum is v1's mean over the 18 (teacher, student != teacher) pairs.
+    """
+    if n_global_crops != 2:
+        raise ValueError(f"the official DINO loss needs 2 global crops, got {n_global_crops}")
+    if student_global_logits.shape != teacher_probs.shape:
+        raise ValueError(
+            f"student global logits {student_global_logits.shape} and teacher targets "
+            f"{teacher_probs.shape} must have the same (2B, K) shape"
+        )
+    n_images = teacher_probs.shape[0] // n_global_crops
+    if student_local_logits is None or student_local_logits.shape[0] == 0:
+        n_local = 0
+    else:
+        if student_local_logits.shape[0] % max(n_images, 1) or student_local_logits.ndim != 2:
+            raise ValueError(
+                f"local logits {student_local_logits.shape}: expected (n_local*B, K) with "
+                f"B = {n_images} images"
+            )
+        n_local = student_local_logits.shape[0] // n_images
+    n_global_terms = (n_global_crops - 1) * n_global_crops
+    n_local_terms = max(n_local * n_global_crops, 1)
+    norm = n_global_terms + n_local_terms  # official-dino.md §3.2: 2 + 16 = 18
+
+    teacher = _split_crops(_float(teacher_probs), n_global_crops, "teacher_probs")
+    if n_local:
+        lsm = jax.nn.log_softmax(_div(_float(student_local_logits), student_temp), axis=-1)
+        lsm = _split_crops(lsm, n_local, "student_local_logits")  # (n_local, B, K)
+        total = jnp.zeros((), lsm.dtype)
+        for i in range(n_global_crops):  # mean_b H(p_i, s_j), summed over teacher crops i ...
+            total = total + jnp.sum(jnp.mean(-jnp.sum(teacher[i] * lsm, axis=-1), axis=-1))
+        dino_local = total / norm  # ... and local crops j
+    else:
+        dino_local = jnp.zeros((), teacher.dtype)
+    # global crops processed together: x loss_scales = 2 (official ssl_meta_arch)
+    h = cross_entropy(teacher_probs, student_global_logits, student_temp)
+    dino_global = jnp.mean(h) * 2 / norm
+    return dino_local, dino_global
+
+
+# ---------------------------------------------------------------------------------------------
+# iBOT
+# ---------------------------------------------------------------------------------------------
+
+
+class MaskedTokens(NamedTuple):
+    """Static-size buffer of masked patch tokens (padding rows: valid False, weight 0, index 0)."""
+
+    indices: Array  # (U,) int32 into masks.reshape(-1) = (2B*N,) flattened (image, patch) tokens
+    weights: Array  # (U,) float32 1 / max(1, #masked in the token's image); 0 on padding
+    valid: Array  # (U,) bool
+    shard_ids: Array  # (U,) int32 data shard of the token's image (for per-GPU iBOT centering)
+
+
+def ibot_mask_weights(masks: Array) -> Array:
+    """(n_images, N) bool masks -> per-token weight 1 / max(1, #masked in its image) (§3.4)."""
+    count = jnp.sum(masks.astype(jnp.float32), axis=-1, keepdims=True)
+    return jnp.broadcast_to(1 / jnp.maximum(count, 1.0), masks.shape)
+
+
+def masked_token_buffer(
+    masks: Array, upperbound: int, *, n_global_crops: int = 2, n_shards: int = 1
+) -> MaskedTokens:
+    """Gather the masked tokens of (2B, N) crop-major masks into a static buffer of `upperbound`.
+
+    Same order as the official `mask_indices_list` (row-major nonzero). `upperbound` must be at
+    least the number of masked tokens (the collate's bound guarantees it); extra tokens would be
+    silently dropped under jit. `n_shards` only fills `shard_ids`: image b of every crop belongs
+    to shard b // (B / n_shards), the images a GPU would hold in the official per-GPU layout.
+    """
+    n_images, n_tokens = masks.shape
+    b = n_images // n_global_crops
+    if n_images % n_global_crops or b % n_shards:
+        raise ValueError(
+            f"masks {masks.shape}: expected (n_global_crops*B, N) with B divisible by "
+            f"n_shards={n_shards} (n_global_crops={n_global_crops})"
+        )
+    flat = masks.reshape(-1)
+    (indices,) = jnp.nonzero(flat, size=upperbound, fill_value=0)
+    valid = jnp.arange(upperbound) < jnp.sum(flat.astype(jnp.int32))
+    weights = jnp.where(valid, ibot_mask_weights(masks).reshape(-1)[indices], 0.0)
+    image = (indices // n_tokens) % b
+    shard_ids = jnp.where(valid, image // (b // n_shards), 0).astype(jnp.int32)
+    return MaskedTokens(indices.astype(jnp.int32), weights, valid, shard_ids)
+
+
+def ibot_patch_loss(
+    student_logits: Array,
+    teacher_probs: Array,
+    weights: Array,
+    valid: Array,
+    n_images: int,
+    *,
+    student_temp=STUDENT_TEMP,
+) -> Array:
+    """iBOT masked-patch loss `forward_masked` (official-dino.md §3.4) on a padded buffer.
+
+    -(1/n_images) sum_{real masked m} w_m sum_k p_{m,k} log_softmax(s_m / tau_s)_k, with
+    n_images = 2B, the number of global-crop images (masked or not). Padded rows (valid False)
+    are excluded. This is the value that enters the total loss (the official x loss_scales=2 x
+    ibot_loss_scale=1/2 nets to 1); the official log shows it /2.
+    """
+    h = cross_entropy(teacher_probs, student_logits, student_temp)
+    w = _float(weights).astype(h.dtype)
+    return jnp.sum(jnp.where(valid, h * w, 0)) / n_images
+
+
+# ---------------------------------------------------------------------------------------------
+# KoLeo
+# ---------------------------------------------------------------------------------------------
+
+
+def koleo_loss_single(x: Array, *, n_shards: int = 1, eps: float = KOLEO_EPS) -> Array:
+    """Official `KoLeoLoss()(x)` on each of `n_shards` equal contiguous slices of x (n, D).
+
+    Per shard (official-dino.md §3.5): z = x / max(||x||, eps); nearest neighbour by the largest
+    dot product with the diagonal set to -1; d = ||z - z_nn + eps||_2 (torch PairwiseDistance
+    adds eps to the difference); loss = -mean log(d + eps). Returns the mean over shards, which
+    is what averaging the per-GPU losses (DDP/FSDP gradient averaging) optimises.
+    """
+    n, dim = x.shape
+    if n % n_shards:
+        raise ValueError(f"KoLeo batch of {n} rows is not divisible into n_shards={n_shards}")
+    z = _float(x).reshape(n_shards, n // n_shards, dim)
+    z = _div(z, jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(z), axis=-1, keepdims=True)), eps))
+    # HIGHEST: the argmax must not flip on bf16 passes of an f32 matmul (TPU/GPU defaults).
+    dots = jnp.einsum("sid,sjd->sij", z, z, precision=_HIGHEST)
+    eye = jnp.eye(n // n_shards, dtype=bool)
+    dots = jnp.where(eye, -1, dots)
+    nn_idx = jnp.argmax(dots, axis=-1)
+    neighbour = jnp.take_along_axis(z, nn_idx[..., None], axis=1)
+    d = jnp.sqrt(jnp.sum(jnp.square(z - neighbour + eps), axis=-1))
+    return jnp.mean(-jnp.log(d + eps))
+
+
+def koleo_loss(
+    student_global_cls: Array, *, n_shards: int = 1, n_global_crops: int = 2, eps=KOLEO_EPS
+) -> Array:
+    """Sum over global crops of the per-shard KoLeo on student backbone CLS (2B, D) (§3.5).
+
+    Not multiplied by `koleo_loss_weight` (0.1 in the configs): the trainer does that. The
+    official log shows (weight * this) / 2.
+
+    `n_shards` (static int) is the number of data-parallel GPUs of the run being reproduced; the
+    trainer passes the number of devices the batch axis is sharded over (e.g. the product of the
+    mesh's data axes, `mesh.shape['data']`), so each shard holds B / n_shards images like one
+    official GPU. Image b of each crop belongs to shard b // (B / n_shards): that is the
+    definition, independent of where XLA physically places the rows (a mismatched placement is
+    only a communication cost, never a different result). n_shards=1 is the single-GPU loss.
+    """
+    crops = _split_crops(student_global_cls, n_global_crops, "student_global_cls")
+    total = jnp.zeros((), jnp.promote_types(crops.dtype, jnp.float32))
+    for i in range(n_global_crops):  # official: sum(koleo(p) for p in cls.chunk(2))
+        total = total + koleo_loss_single(crops[i], n_shards=n_shards, eps=eps)
+    return total
