@@ -33,9 +33,9 @@ CENTER_MOMENTUM = 0.9  # official DINOLoss / iBOTPatchLoss default
 SINKHORN_ITERATIONS = 3
 
 
-def init_center(out_dim: int, *, ibot: bool = False) -> Array:
-    """Zero center with the official buffer shape: DINO (1, K), iBOT (1, 1, K)."""
-    return jnp.zeros((1, 1, out_dim) if ibot else (1, out_dim), jnp.float32)
+def init_center(out_dim: int, *, ibot: bool = False, dtype=jnp.float32) -> Array:
+    """Zero center with the official buffer shape: DINO (1, K), iBOT (1, 1, K); float32."""
+    return jnp.zeros((1, 1, out_dim) if ibot else (1, out_dim), dtype)
 
 
 # ---------------------------------------------------------------------------------------------
