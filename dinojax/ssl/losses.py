@@ -6,16 +6,28 @@ images; sharding the batch over a mesh changes nothing in these formulas except 
 optionally the iBOT center), which the official code computes per GPU: there the number of data
 shards is an explicit static argument.
 
-How the trainer wires one step (teacher side under `jax.lax.stop_gradient`):
+How the trainer wires one step (official-dino.md §3.1-3.6; teacher side under stop_gradient):
 
-    t_cls = swap_global_crops(teacher_head(teacher_cls))           # (2B, K), crop 1 first
-    p_cls, center = centering.center_and_update(t_cls, center, temp)   # or sinkhorn_knopp_teacher
-    buf = masked_token_buffer(masks, upperbound, n_shards=...)      # static-size iBOT buffer
-    p_patch, ibot_center = centering.ibot_center_and_update(t_patch[buf.indices], ...)
+    # teacher: backbone(global crops) in eval mode, no masks
+    t_cls = swap_global_crops(teacher_head(t_out["x_norm_clstoken"]))   # (2B, K), crop 1 first
+    p_cls, center = centering.center_and_update(t_cls, center, temp)  # or sinkhorn_knopp_teacher
+    buf = masked_token_buffer(masks, upperbound, n_shards=n_shards)    # masks (2B, N) bool
+    t_patch = teacher_head(t_out["x_norm_patchtokens"].reshape(-1, D)[buf.indices])  # (U, K)
+    p_patch, ibot_center = centering.ibot_center_and_update(
+        t_patch, ibot_center, temp, buf.valid, shard_ids=buf.shard_ids, n_shards=n_shards)
+    # (or centering.ibot_sinkhorn_knopp_teacher(t_patch, temp, buf.valid))
+    # student: backbone(global crops, masks) and backbone(local crops)
+    s_global = student_head(s_glob["x_norm_clstoken"])                 # (2B, K)
+    s_local = student_head(s_loc["x_norm_clstoken"])                   # (n_local*B, K)
+    s_patch = student_head(s_glob["x_norm_patchtokens"].reshape(-1, D)[buf.indices])
     dino_local, dino_global = dino_loss(s_global, s_local, p_cls)
-    ibot = ibot_patch_loss(s_patch, p_patch, buf.weights, buf.valid, n_images=2B)
-    koleo = koleo_weight * koleo_loss(student_global_cls_backbone, n_shards=...)
-    loss = dino_w * (dino_local + dino_global) + koleo + ibot_w * ibot   # §3.6
+    ibot = ibot_patch_loss(s_patch, p_patch, buf.weights, buf.valid, n_images=2 * B)
+    koleo = koleo_loss(s_glob["x_norm_clstoken"], n_shards=n_shards)  # backbone CLS, pre-head
+    loss = dino_w * (dino_local + dino_global) + koleo_w * koleo + ibot_w * ibot   # §3.6
+
+`temp` (teacher temperature) may be a traced scalar computed from the step (pitfall 25).
+`n_shards` is a static Python int: the number of data-parallel devices the batch is split over
+(see `koleo_loss`); 1 reproduces a single-GPU run.
 
 Arithmetic is float32 (float64 if the inputs are float64); bf16 inputs are promoted.
 """

@@ -233,3 +233,16 @@ def test_update_center_keeps_shape_dtype_and_accepts_traced_momentum(momentum):
     new = jax.jit(centering.update_center)(c, t, momentum)
     assert new.shape == (1, 8) and new.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(new), 0.1, rtol=1e-6)
+
+
+def test_center_state_round_trip_compiles_once():
+    """The new center has the input center's exact type (no weak type): feeding it back to the
+    jitted step must not retrace (jax-ecosystem.md pitfall 7)."""
+    step = jax.jit(centering.center_and_update)
+    ibot_step = jax.jit(centering.ibot_center_and_update)
+    c, ci = centering.init_center(8), centering.init_center(8, ibot=True)
+    t, valid = jnp.ones((4, 8)), jnp.arange(4) < 3
+    for i in range(3):
+        _, c = step(t, c, jnp.float32(0.04 + i / 100))
+        _, ci = ibot_step(t, ci, jnp.float32(0.04), valid)
+    assert step._cache_size() == 1 and ibot_step._cache_size() == 1
