@@ -238,8 +238,9 @@ def test_update_center_keeps_shape_dtype_and_accepts_traced_momentum(momentum):
 def test_center_state_round_trip_compiles_once():
     """The new center has the input center's exact type (no weak type): feeding it back to the
     jitted step must not retrace (jax-ecosystem.md pitfall 7)."""
-    step = jax.jit(centering.center_and_update)
-    ibot_step = jax.jit(centering.ibot_center_and_update)
+    # fresh wrappers: jit caches are shared by every jax.jit of the same function object
+    step = jax.jit(lambda *a: centering.center_and_update(*a))
+    ibot_step = jax.jit(lambda *a: centering.ibot_center_and_update(*a))
     c, ci = centering.init_center(8), centering.init_center(8, ibot=True)
     t, valid = jnp.ones((4, 8)), jnp.arange(4) < 3
     for i in range(3):
