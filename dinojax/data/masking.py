@@ -107,9 +107,7 @@ class MaskingGenerator:
             raise ValueError(f"input_size must be positive, got {input_size}")
         self.num_patches = self.height * self.width
         self.min_num_patches = min_num_patches
-        self.max_num_patches = (
-            num_masking_patches if max_num_patches is None else max_num_patches
-        )
+        self.max_num_patches = num_masking_patches if max_num_patches is None else max_num_patches
         if self.max_num_patches is None:
             raise ValueError("MaskingGenerator needs max_num_patches (or num_masking_patches)")
         max_aspect = max_aspect or 1.0 / min_aspect
@@ -256,7 +254,9 @@ def collate_masks(
     per_crop = masks.sum(axis=1, dtype=np.int64)
     weights = np.zeros((size,), dtype=np.float32)
     # official: (1 / clamp(count, min=1)) expanded over the crop's patches, then [masks]
-    weights[:n_masked] = (1.0 / np.maximum(per_crop, 1).astype(np.float32))[flat_idx // masks.shape[1]]
+    weights[:n_masked] = (1.0 / np.maximum(per_crop, 1).astype(np.float32))[
+        flat_idx // masks.shape[1]
+    ]
     return {
         "masks": masks,
         "mask_indices": mask_indices,

@@ -13,16 +13,14 @@ import importlib.util
 import random
 from pathlib import Path
 
+import dinov2
 import numpy as np
 import pytest
 import torch
 from scipy import ndimage, stats
 
-import dinov2
-
 from dinojax.data.masking import (
     MaskingConfig,
-    MaskingGenerator,
     collate_masks,
     mask_upper_bound,
     official_max_num_patches,
