@@ -463,6 +463,36 @@ class DinoDataIterator:
         self._thread: threading.Thread | None = None
         self._start()
 
+    @property
+    def element_spec(self) -> dict[str, Any]:
+        """`jax.ShapeDtypeStruct`s (with sharding) of every batch, to compile before data comes."""
+        import jax
+
+        pipe, c = self.pipeline, self.pipeline.config
+        a = c.augment
+        P, b, k = pipe.process_count, pipe.local_batch, self.local_shards
+        img = np.float32 if a.normalize else np.uint8
+        shapes = {
+            "global_crops": ((P * 2 * b, a.global_crops_size, a.global_crops_size, 3), img),
+            "local_crops": (
+                (P * a.local_crops_number * b, a.local_crops_size, a.local_crops_size, 3),
+                img,
+            ),
+            "labels": ((P * b,), np.int32),
+        }
+        if c.masking is not None:
+            u = -(-pipe.mask_upper_bound // k) * k
+            shapes.update(
+                masks=((P * 2 * b, pipe.n_tokens), np.bool_),
+                mask_indices=((P * u,), np.int32),
+                masks_weight=((P * u,), np.float32),
+                n_masked=((P * k,), np.int32),
+            )
+        return {
+            key: jax.ShapeDtypeStruct(shape, dtype, sharding=self.sharding)
+            for key, (shape, dtype) in shapes.items()
+        }
+
     # -- state ----------------------------------------------------------------------------------
     def get_state(self) -> dict[str, Any]:
         """JSON-serialisable position: the next step, plus what must match on restore."""

@@ -159,6 +159,14 @@ def test_device_arrays_and_resume():
         u = first["mask_indices"].shape[0]
         assert u % 8 == 0 and u >= pipe.global_mask_upper_bound
         assert first["n_masked"].shape == (8,)
+        spec = it.element_spec
+        assert set(spec) == set(first)
+        for k, v in first.items():
+            assert (spec[k].shape, spec[k].dtype, spec[k].sharding) == (
+                v.shape,
+                v.dtype,
+                v.sharding,
+            )
         masks = np.asarray(first["masks"]).reshape(-1)
         n = int(np.asarray(first["n_masked"]).sum())
         idx = np.asarray(first["mask_indices"])
