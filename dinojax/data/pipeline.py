@@ -137,16 +137,11 @@ class _LoadAndAugment:
         self.seed, self.shuffle = seed, shuffle
         self.b, self.B, self.p = local_batch, global_batch, process_index
         self.max_bad = max_consecutive_bad
-        self._shuffle_seeds: dict[int, int] = {}
 
     def record_at(self, epoch: int, pos: int) -> int:
         if not self.shuffle or self.n == 1:
             return pos
-        s = self._shuffle_seeds.get(epoch)
-        if s is None:
-            s = self._shuffle_seeds[epoch] = _epoch_shuffle_seed(self.seed, epoch)
-            if len(self._shuffle_seeds) > 4:
-                self._shuffle_seeds.pop(next(iter(self._shuffle_seeds)))
+        s = _epoch_shuffle_seed(self.seed, epoch)  # ~10 us: not worth a cache shared by threads
         return int(grain.experimental.index_shuffle(pos, max_index=self.n - 1, seed=s, rounds=4))
 
     def __call__(self, i: int) -> dict[str, Any]:

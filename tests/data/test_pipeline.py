@@ -295,7 +295,7 @@ def test_broken_dataset_fails_clearly(tmp_path):
         str(folder), _cfg(batch_size=2, max_consecutive_bad=4), process_index=0, process_count=1
     )
     with pytest.raises(RuntimeError, match="consecutive records could not be read"):
-        _take(pipe, 1)
+        pipe.dataset()[0]  # in this thread: no prefetch thread left running after the test
 
 
 def test_config_validation():
