@@ -274,10 +274,17 @@ def main() -> None:
         off_med = statistics.median(official)
         summary["official_crops_per_s_per_core"] = round(off_med, 1)
         summary["ratio"] = round(ours_med / off_med, 2)
+    summary["host_pipeline_crops_per_s_per_core"] = round(host_rate, 1)
+    # cores for the whole host pipeline (grain, masks, collate included), at the step's rate
     crops_per_image = 2 + cfg.local_crops_number
     summary["cores_to_feed_one_h100"] = {
-        name: round(rate * crops_per_image / ours_med, 1) for name, rate in H100_STEP_RATES.items()
+        name: round(rate * crops_per_image / host_rate, 1) for name, rate in H100_STEP_RATES.items()
     }
+    if official:
+        summary["official_cores_to_feed_one_h100"] = {
+            name: round(rate * crops_per_image / off_med, 1)
+            for name, rate in H100_STEP_RATES.items()
+        }
     emit(summary)
 
 
