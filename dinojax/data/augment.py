@@ -31,7 +31,7 @@ from typing import Any
 
 import cv2
 import numpy as np
-from PIL import Image, ImageFile, ImageFilter
+from PIL import Image, ImageFilter
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -51,9 +51,6 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-# A truncated file must raise, not decode as grey: bad records are skipped and counted.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,7 +192,8 @@ def decode_image(data: Any) -> Image.Image:
     """Decode encoded bytes, an array (TFDS Tensor feature) or a PIL image to an RGB PIL image.
 
     Grayscale, palette, CMYK, alpha and 16-bit images are converted; corrupt or truncated files
-    raise (`PIL.UnidentifiedImageError` / `OSError`), so the caller can skip and count them.
+    raise (`PIL.UnidentifiedImageError` / `OSError`), so the caller can skip and count them
+    (unless the program set Pillow's global `ImageFile.LOAD_TRUNCATED_IMAGES`).
     """
     if isinstance(data, Image.Image):
         img = data

@@ -36,6 +36,7 @@ import logging
 import queue
 import sys
 import threading
+import time
 from typing import Any
 
 import grain
@@ -595,10 +596,11 @@ class DinoDataIterator:
             )  # fmt: skip
         return batch
 
-    def _stop_thread(self) -> None:
+    def _stop_thread(self, timeout: float = 60.0) -> None:
         if self._thread is not None:
             self._stop.set()
-            while self._thread.is_alive():
+            deadline = time.monotonic() + timeout
+            while self._thread.is_alive() and time.monotonic() < deadline:
                 try:  # unblock a producer waiting on a full queue
                     self._queue.get_nowait()
                 except queue.Empty:
