@@ -46,6 +46,7 @@ __all__ = [
     "gaussian_blur",
     "normalize_lut",
     "random_resized_crop_params",
+    "resized_crop",
     "to_grayscale",
 ]
 
@@ -252,6 +253,12 @@ def random_resized_crop_params(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def resized_crop(img: Image.Image, top: int, left: int, h: int, w: int, size: int) -> np.ndarray:
+    """torchvision `F.resized_crop(img, top, left, h, w, [size, size], BICUBIC)` on a PIL image:
+    crop, then Pillow's bicubic resize (not `resize(box=...)`, whose filter reads past the box)."""
+    return np.asarray(img.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC))
+
+
 # ----------------------------------------------------------------------------------------------
 # Colour operations on (H, W, 3) uint8 arrays
 
@@ -375,8 +382,7 @@ class MultiCropAugmentation:
         """One crop, (size, size, 3) uint8, with its own random parameters."""
         c = self.config
         top, left, h, w = random_resized_crop_params(rng, img.height, img.width, scale, c.ratio)
-        crop = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
-        a = np.asarray(crop)
+        a = resized_crop(img, top, left, h, w, size)
         u = rng.random(6)
         if u[0] < c.flip_p:
             a = cv2.flip(a, 1)

@@ -34,6 +34,7 @@ from dinojax.data.augment import (
     gaussian_blur,
     normalize_lut,
     random_resized_crop_params,
+    resized_crop,
     solarize,
     to_grayscale,
 )
@@ -214,30 +215,92 @@ def test_random_resized_crop_law(height, width, scale):
     _compare_laws(ours, ref, height, width, f"scale {scale}")
 
 
-@pytest.mark.skipif(not os.path.exists(TV_PYTHON), reason="no interpreter with torchvision")
-def test_random_resized_crop_law_vs_real_torchvision():
-    n, ratio = 2000, (3 / 4, 4 / 3)
-    script = (
-        "import json, sys, torch\n"
-        "from torchvision.transforms import RandomResizedCrop\n"
-        "from PIL import Image\n"
-        "torch.manual_seed(0)\n"
-        "out = {}\n"
-        "for h, w, lo, hi in json.loads(sys.argv[1]):\n"
-        "    img = Image.new('RGB', (w, h))\n"
-        f"    out[f'{{h}},{{w}},{{lo}}'] = [RandomResizedCrop.get_params(img, [lo, hi], "
-        f"[{ratio[0]}, {ratio[1]}]) for _ in range({n})]\n"
-        "print(json.dumps(out))\n"
-    )
-    cases = [(h, w, lo, hi) for h, w in SIZES[:2] for lo, hi in SCALES[:2]]
-    proc = subprocess.run(
-        [TV_PYTHON, "-c", script, json.dumps(cases)], capture_output=True, text=True, check=True
-    )
-    ref = json.loads(proc.stdout.strip().splitlines()[-1])
+_TV_SCRIPT = r"""
+import json, sys
+import numpy as np, torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode, Normalize, RandomResizedCrop, ToTensor
+from torchvision.transforms import functional as F
+args = json.loads(sys.argv[1])
+img = Image.fromarray(np.load(args["photo"]))
+out = {}
+torch.manual_seed(0)
+for h, w, lo, hi in args["rrc_cases"]:
+    blank = Image.new("RGB", (w, h))
+    out[f"rrc/{h},{w},{lo}"] = np.array(
+        [RandomResizedCrop.get_params(blank, [lo, hi], [3 / 4, 4 / 3]) for _ in range(args["n"])])
+for k, (i, j, h, w, size) in enumerate(args["boxes"]):
+    out[f"crop/{k}"] = np.asarray(F.resized_crop(img, i, j, h, w, [size, size],
+                                                 InterpolationMode.BICUBIC))
+for f in args["factors"]:
+    out[f"brightness/{f}"] = np.asarray(F.adjust_brightness(img, f))
+    out[f"contrast/{f}"] = np.asarray(F.adjust_contrast(img, f))
+    out[f"saturation/{f}"] = np.asarray(F.adjust_saturation(img, f))
+for hf in args["hues"]:
+    out[f"hue/{hf}"] = np.asarray(F.adjust_hue(img, hf))
+for s in args["sigmas"]:
+    out[f"blur/{s}"] = np.asarray(F.gaussian_blur(img, [9, 9], [s, s]))
+out["gray"] = np.asarray(F.rgb_to_grayscale(img, num_output_channels=3))
+out["solarize"] = np.asarray(F.solarize(img, 128))
+out["hflip"] = np.asarray(F.hflip(img))
+norm = Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+out["normalize"] = norm(ToTensor()(img)).permute(1, 2, 0).numpy()
+np.savez(args["out"], **out)
+"""
+
+RRC_CASES = [(h, w, lo, hi) for h, w in SIZES[:2] for lo, hi in SCALES[:2]]
+BOXES = [(0, 0, 224, 224, 224), (10, 30, 150, 120, 224), (100, 7, 60, 90, 96), (5, 5, 20, 20, 98)]
+FACTORS = [0.6, 0.93, 1.4]
+HUES = [-0.1, 0.04]
+SIGMAS = [0.1, 0.8, 2.0]
+
+
+@pytest.fixture(scope="module")
+def torchvision_outputs(photo, tmp_path_factory):
+    """What real torchvision computes on the photo (one subprocess in the torchvision venv)."""
+    if not os.path.exists(TV_PYTHON):
+        pytest.skip("no interpreter with torchvision (set DINOJAX_TORCHVISION_PYTHON)")
+    d = tmp_path_factory.mktemp("tv")
+    np.save(d / "photo.npy", photo)
+    args = {
+        "photo": str(d / "photo.npy"), "out": str(d / "out.npz"), "n": 2000,
+        "rrc_cases": RRC_CASES, "boxes": BOXES, "factors": FACTORS, "hues": HUES,
+        "sigmas": SIGMAS,
+    }  # fmt: skip
+    subprocess.run([TV_PYTHON, "-c", _TV_SCRIPT, json.dumps(args)], check=True, capture_output=True)
+    return dict(np.load(d / "out.npz"))
+
+
+def test_ops_match_real_torchvision(photo, torchvision_outputs):
+    tv = torchvision_outputs
+    img = Image.fromarray(photo)
+    for k, (i, j, h, w, size) in enumerate(BOXES):
+        np.testing.assert_array_equal(resized_crop(img, i, j, h, w, size), tv[f"crop/{k}"])
+    for f in FACTORS:
+        np.testing.assert_array_equal(adjust_brightness(photo, f), tv[f"brightness/{f}"])
+        np.testing.assert_array_equal(adjust_contrast(photo, f), tv[f"contrast/{f}"])
+        np.testing.assert_array_equal(adjust_saturation(photo, f), tv[f"saturation/{f}"])
+    for s in SIGMAS:
+        diff = np.abs(gaussian_blur(photo, s).astype(int) - tv[f"blur/{s}"])
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+    for hf in HUES:
+        diff = np.abs(adjust_hue(photo, hf).astype(int) - tv[f"hue/{hf}"])
+        assert diff.mean() < 1.0 and diff.max() <= 16
+    g = to_grayscale(photo)
+    np.testing.assert_array_equal(np.stack([g, g, g], -1), tv["gray"])
+    np.testing.assert_array_equal(solarize(photo, 128), tv["solarize"])
+    np.testing.assert_array_equal(photo[:, ::-1], tv["hflip"])
+    out = np.empty(photo.shape, np.float32)
+    MultiCropAugmentation().normalize_into(photo, out)
+    np.testing.assert_array_equal(out, tv["normalize"])
+
+
+def test_random_resized_crop_law_vs_real_torchvision(torchvision_outputs):
     rng = np.random.default_rng(1)
-    for h, w, lo, hi in cases:
-        ours = [random_resized_crop_params(rng, h, w, (lo, hi), ratio) for _ in range(n)]
-        _compare_laws(ours, ref[f"{h},{w},{lo}"], h, w, "torchvision")
+    for h, w, lo, hi in RRC_CASES:
+        ref = torchvision_outputs[f"rrc/{h},{w},{lo}"]
+        ours = [random_resized_crop_params(rng, h, w, (lo, hi), (3 / 4, 4 / 3)) for _ in ref]
+        _compare_laws(ours, ref, h, w, "torchvision")
 
 
 def _small_config(**kw) -> AugmentConfig:
