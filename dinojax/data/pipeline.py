@@ -77,6 +77,8 @@ class DataConfig:
 
     `num_workers` grain worker processes each build whole batches; `read_threads` threads per
     process (or per worker) do the same inside it. Neither changes the batches, only the speed.
+    Workers are spawned (not forked): a script that uses them needs the usual
+    `if __name__ == "__main__":` guard, or each worker re-runs it and grain waits forever.
     """
 
     source: str = "digits"
