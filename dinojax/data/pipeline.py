@@ -19,9 +19,10 @@ Layout. Per process, the batch is the official collate's (official-dino.md §3.1
 The global arrays concatenate the processes' batches along axis 0 (that is what
 `jax.make_array_from_process_local_data` builds from per-process data), so with one process -
 one host with any number of devices - they are exactly the official crop-major batch of B images;
-with P processes each process's block of rows is crop-major ("process-blocked"). The masks follow
-official per-rank semantics with one process as one rank; `mask_indices` index the *global*
-flattened `masks`.
+with P processes each process's block of rows is crop-major ("process-blocked";
+`process_blocked_to_crop_major` reorders it, at the price of moving rows between devices). The
+masks follow official per-rank semantics with one process as one rank (`mask_groups` splits it
+into several); `mask_indices` index the *global* flattened `masks`.
 
 Bad data. A record that cannot be read or decoded is skipped: the next position of the same
 epoch takes its place (so shapes stay static and resumption stays exact), the skip is logged
@@ -52,6 +53,7 @@ __all__ = [
     "DinoDataIterator",
     "DinoDataPipeline",
     "normalize_images",
+    "process_blocked_to_crop_major",
 ]
 
 log = logging.getLogger("dinojax.data")
@@ -408,6 +410,24 @@ def normalize_images(x, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
 
     table = jnp.asarray(normalize_lut(mean, std).reshape(256, 3))
     return table[x.astype(jnp.int32), jnp.arange(3)]
+
+
+def process_blocked_to_crop_major(x, n_crops: int, n_processes: int):
+    """Reorder a multi-process batch (process-blocked, crop-major per block) to the global
+    crop-major order of the official collate: row c*B + i for crop c of global image i.
+
+    Identity for one process. With several, XLA moves rows between devices (an all-to-all),
+    so prefer code that works per block: `x.reshape(n_processes, n_crops, b, ...)`.
+    Works on numpy and jax arrays (inside jit too).
+    """
+    if n_processes == 1:
+        return x
+    rows = x.shape[0]
+    if rows % (n_processes * n_crops):
+        raise ValueError(f"{rows} rows do not split into {n_processes} x {n_crops} blocks")
+    b = rows // (n_processes * n_crops)
+    y = x.reshape(n_processes, n_crops, b, *x.shape[1:])
+    return y.swapaxes(0, 1).reshape(x.shape)
 
 
 class _Failure:

@@ -16,7 +16,13 @@ from PIL import Image
 
 from dinojax.data.augment import AugmentConfig, MultiCropAugmentation, decode_image
 from dinojax.data.masking import MaskingConfig
-from dinojax.data.pipeline import DEVICE_KEYS, DataConfig, DinoDataPipeline, normalize_images
+from dinojax.data.pipeline import (
+    DEVICE_KEYS,
+    DataConfig,
+    DinoDataPipeline,
+    normalize_images,
+    process_blocked_to_crop_major,
+)
 from dinojax.data.sources import DigitsSource
 
 SMALL = AugmentConfig(global_crops_size=56, local_crops_size=28, local_crops_number=3)
@@ -141,9 +147,25 @@ def test_two_simulated_processes_disjoint_and_complete():
                     whole["global_crops"][k * 2 * b + p * b : k * 2 * b + (p + 1) * b],
                 )
             n_tok = part["masks"].shape[1]
+            assert part["masks"].shape[0] == 2 * b
             n = int(part["n_masked"].sum())
             idx = part["mask_indices"][:n] - p * 2 * b * n_tok  # global flat index -> local
             np.testing.assert_array_equal(idx, np.flatnonzero(part["masks"]))
+
+
+def test_process_blocked_to_crop_major():
+    src = _Records(24)
+    b = 3
+    parts = [_take(_pipe(src, p=p, n=2, batch_size=b, seed=5), 1, start=1)[0] for p in range(2)]
+    whole = _take(_pipe(src, batch_size=2 * b, seed=5), 1, start=1)[0]
+    for key, n_crops in (("global_crops", 2), ("local_crops", SMALL.local_crops_number)):
+        blocked = np.concatenate([x[key] for x in parts])  # what the global array holds
+        np.testing.assert_array_equal(
+            process_blocked_to_crop_major(blocked, n_crops, 2), whole[key]
+        )
+        j = jax.jit(process_blocked_to_crop_major, static_argnums=(1, 2))(blocked, n_crops, 2)
+        np.testing.assert_array_equal(np.asarray(j), whole[key])
+    assert process_blocked_to_crop_major(whole["global_crops"], 2, 1) is whole["global_crops"]
 
 
 def test_device_arrays_and_resume():
