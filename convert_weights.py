@@ -1,0 +1,51 @@
+"""Convert official DINO / DINOv2 checkpoints to dinojax and back.
+
+    python convert_weights.py dinov2_vitb14_reg4_pretrain.pth ckpt/      # PyTorch -> dinojax
+    python convert_weights.py teacher_checkpoint.pth ckpt/ --arch dinov2_vitl14
+    python convert_weights.py ckpt/ exported.pth [--format teacher]      # dinojax -> PyTorch
+
+The direction follows from the formats: a dinojax checkpoint directory as SRC exports it to an
+official `.pth` / `.safetensors` state dict; any other SRC is read as an official checkpoint
+(hub backbone, DINOv2 teacher_checkpoint.pth, DINO v1 training checkpoint, Hugging Face
+safetensors) and written as a dinojax checkpoint directory. On any error nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("src", help="official checkpoint file, or a dinojax checkpoint directory")
+    ap.add_argument("dst", help="dinojax checkpoint directory, or an output .pth/.safetensors")
+    ap.add_argument("--arch", help="official architecture name when detection is ambiguous")
+    ap.add_argument("--which", default="teacher", choices=["teacher", "student"],
+                    help="which network of a training checkpoint to convert")  # fmt: skip
+    ap.add_argument("--format", default="hub", choices=["hub", "teacher"],
+                    help="export layout: hub backbone, or teacher_checkpoint with heads")  # fmt: skip
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    args = ap.parse_args(argv)
+
+    from dinojax.convert.backbone import ConversionError
+    from dinojax.convert.checkpoint import META, convert, export
+
+    try:
+        if (Path(args.src) / META).is_file():
+            export(args.src, args.dst, fmt=args.format, overwrite=args.overwrite)
+            print(f"wrote {args.dst} ({args.format} format)")
+        else:
+            cfg = convert(args.src, args.dst, arch=args.arch, which=args.which,
+                          overwrite=args.overwrite)  # fmt: skip
+            print(f"wrote {args.dst}: {cfg.name} ({cfg.depth} blocks, dim {cfg.embed_dim}, "
+                  f"patch {cfg.patch_size}, {cfg.num_register_tokens} registers)")  # fmt: skip
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""Official checkpoints <-> dinojax orbax checkpoint directories.
+
+A converted checkpoint is a directory:
+
+    DST/dinojax.json   format version, architecture (ViTConfig), head configs, source
+    DST/state/         orbax checkpoint of {"backbone": params, "heads": {...}, "extras": {...}}
+
+Accepted sources (detected from the contents, official-dino.md §1.4 and §2):
+  hub      official hub backbone `.pth` (v2, v2 with registers, v1): flat backbone keys
+  teacher  DINOv2 `teacher_checkpoint.pth`: {"teacher": {"backbone.blocks.{c}.{i}...",
+           "dino_head.*", "ibot_head.*"}}
+  dino_v1  DINO v1 full training checkpoint: {"student": {"module.backbone.*", "module.head.*"},
+           "teacher": {...}, "dino_loss": {"center"}, "args": Namespace, ...}
+  hf       Hugging Face Dinov2Model / Dinov2WithRegistersModel safetensors
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from dinojax.convert.backbone import (
+    ConversionError,
+    dechunk,
+    detect_config,
+    from_hf,
+    from_official,
+    is_hf,
+    to_official,
+)
+from dinojax.convert.io import read_file, write_file
+from dinojax.models.config import ViTConfig
+
+FORMAT_VERSION = 1
+META = "dinojax.json"
+
+
+def _strip(sd: dict, prefix: str) -> dict:
+    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def _unwrap(sd: dict) -> dict:
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def split_checkpoint(obj: dict, which: str = "teacher") -> tuple[str, dict, dict, dict]:
+    """Identify the format -> (format, backbone state dict, {head name: state dict}, extras)."""
+    if which not in ("teacher", "student"):
+        raise ConversionError(f"which must be 'teacher' or 'student', got {which!r}")
+    if any(isinstance(v, dict) for v in obj.values()):
+        if which not in obj or not isinstance(obj[which], dict):
+            raise ConversionError(
+                f"training checkpoint has no {which!r} state dict (top-level keys: "
+                f"{sorted(obj)})"
+            )
+        model = _unwrap(obj[which])
+        v1 = "student" in obj and "dino_loss" in obj
+        backbone = dechunk(_strip(model, "backbone."))
+        if not backbone:
+            raise ConversionError(f"{which!r} state dict has no 'backbone.' keys")
+        heads = {}
+        for prefix, name in (("dino_head.", "dino_head"), ("ibot_head.", "ibot_head"),
+                             ("head.", "dino_head")):  # fmt: skip
+            sub = _strip(model, prefix)
+            if sub:
+                heads[name] = sub
+        known = ("backbone.", "dino_head.", "ibot_head.", "head.")
+        stray = sorted(k for k in model if not k.startswith(known))
+        if stray:
+            raise ConversionError(f"unexpected keys in the {which!r} state dict: {stray}")
+        extras = {}
+        if v1 and isinstance(obj.get("dino_loss"), dict) and "center" in obj["dino_loss"]:
+            extras["dino_center"] = np.asarray(obj["dino_loss"]["center"], np.float32)
+        return ("dino_v1" if v1 else "teacher"), backbone, heads, extras
+    flat = {k: v for k, v in obj.items() if isinstance(v, np.ndarray)}
+    if len(flat) != len(obj):
+        raise ConversionError("state dict holds non-tensor values: not a backbone checkpoint")
+    if is_hf(flat):
+        return "hf", from_hf(flat), {}, {}
+    return "hub", dechunk(_unwrap(flat)), {}, {}
+
+
+def _head_module(cfg: dict):
+    from dinojax.models.heads import DINOHead
+
+    def make():
+        from flax import nnx
+
+        return DINOHead(
+            cfg["in_dim"], cfg["out_dim"], nlayers=cfg["nlayers"], hidden_dim=cfg["hidden_dim"],
+            bottleneck_dim=cfg["bottleneck_dim"], mlp_bias=cfg.get("mlp_bias", True),
+            rngs=nnx.Rngs(0),
+        )  # fmt: skip
+
+    return make
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    arch: str | None = None,
+    which: str = "teacher",
+    overwrite: bool = False,
+) -> ViTConfig:
+    """Convert an official checkpoint file to a dinojax checkpoint directory (atomically)."""
+    dst = Path(dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
+        raise ConversionError(f"{dst} exists and is not empty (use --overwrite)")
+    obj = read_file(src)
+    fmt, backbone_sd, head_sds, extras = split_checkpoint(obj, which)
+    cfg = detect_config(backbone_sd, arch)
+    params = from_official(backbone_sd, cfg)
+    heads, head_cfgs = {}, {}
+    for name, sd in head_sds.items():
+        from dinojax.convert import heads as head_conv
+
+        try:
+            head_cfgs[name] = head_conv.head_config_from_torch(sd)
+            heads[name] = head_conv.dino_head_from_torch(sd)
+        except ValueError as e:
+            raise ConversionError(f"{name}: {e}") from e
+    tree = {"backbone": params, "heads": heads, "extras": extras}
+    meta = {
+        "format": "dinojax",
+        "version": FORMAT_VERSION,
+        "layout": "stacked",
+        "arch": cfg.to_dict(),
+        "heads": head_cfgs,
+        "extras": sorted(extras),
+        "source": {"path": str(src), "format": fmt, "which": which},
+    }
+    save(dst, tree, meta, overwrite=overwrite)
+    return cfg
+
+
+def save(dst: str | os.PathLike, tree: dict, meta: dict, *, overwrite: bool = False) -> None:
+    """Write {backbone, heads, extras} + metadata to `dst` via a temp dir and a rename."""
+    import orbax.checkpoint as ocp
+
+    dst = Path(dst).absolute()
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(tmp / "state", jax.tree.map(np.asarray, tree))
+        ckptr.wait_until_finished()
+        (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        if dst.exists():
+            if not overwrite and any(dst.iterdir()):
+                raise ConversionError(f"{dst} exists and is not empty")
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    meta_file = path / META
+    if not meta_file.is_file():
+        raise ConversionError(f"{path} is not a dinojax checkpoint directory (no {META})")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != "dinojax" or meta.get("version", 0) > FORMAT_VERSION:
+        raise ConversionError(f"{path}: unsupported checkpoint format {meta.get('version')}")
+    return meta
+
+
+def restore_tree(path: str | os.PathLike) -> tuple[dict, dict]:
+    """-> (tree of numpy arrays, metadata). Shapes are checked against the recorded config."""
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    from dinojax.models.vit import abstract_params
+
+    path = Path(path).absolute()
+    meta = read_meta(path)
+    cfg = ViTConfig.from_dict(meta["arch"])
+    heads = {}
+    for name, hcfg in meta["heads"].items():
+        head = nnx.eval_shape(_head_module(hcfg))
+        heads[name] = nnx.to_pure_dict(nnx.state(head, nnx.Param))
+    target = {"backbone": abstract_params(cfg), "heads": heads, "extras": {}}
+    ckptr = ocp.StandardCheckpointer()
+    try:
+        on_disk = ckptr.metadata(path / "state")
+        on_disk = getattr(on_disk, "item_metadata", on_disk)
+        for name in meta.get("extras", []):
+            target["extras"][name] = jax.ShapeDtypeStruct(
+                tuple(on_disk["extras"][name].shape), np.float32
+            )
+        sds = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), target)
+        tree = ckptr.restore(path / "state", sds)
+    except Exception as e:
+        raise ConversionError(f"{path}: cannot restore the checkpoint ({e})") from e
+    return jax.tree.map(np.asarray, tree), meta
+
+
+def load(path: str | os.PathLike, *, heads: bool = False, **overrides):
+    """A converted checkpoint -> `DinoVisionTransformer` (and `{name: DINOHead}` if `heads`).
+
+    `overrides` change run-time fields of the config (dtype, attention, remat_policy, ...).
+    """
+    from flax import nnx
+
+    from dinojax.models.vit import DinoVisionTransformer
+
+    tree, meta = restore_tree(path)
+    cfg = ViTConfig.from_dict(meta["arch"])
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    model = nnx.eval_shape(lambda: DinoVisionTransformer(cfg, rngs=nnx.Rngs(0)))
+    nnx.update(model, jax.tree.map(jax.numpy.asarray, tree["backbone"]))
+    if not heads:
+        return model
+    out = {}
+    for name, hcfg in meta["heads"].items():
+        head = nnx.eval_shape(_head_module(hcfg))
+        nnx.update(head, jax.tree.map(jax.numpy.asarray, tree["heads"][name]))
+        out[name] = head
+    return model, out
+
+
+def export(
+    src: str | os.PathLike, dst: str | os.PathLike, *, fmt: str = "hub", overwrite: bool = False
+) -> None:
+    """A dinojax checkpoint directory -> an official-format `.pth` / `.safetensors` file.
+
+    fmt="hub": the backbone state dict the official hub models load with strict=True.
+    fmt="teacher": {"teacher": {"backbone.*", "dino_head.*", "ibot_head.*"}} like DINOv2's
+    teacher_checkpoint.pth (DINO v1 heads are written as "head.*").
+    """
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise ConversionError(f"{dst} exists (use --overwrite)")
+    if fmt not in ("hub", "teacher"):
+        raise ConversionError(f"unknown export format {fmt!r} (hub or teacher)")
+    tree, meta = restore_tree(src)
+    sd = to_official(tree["backbone"])
+    if fmt == "hub":
+        write_file(sd, dst)
+        return
+    v1 = meta["arch"]["family"] == "dino"
+    model = {f"backbone.{k}": v for k, v in sd.items()}
+    for name, head in tree["heads"].items():
+        from dinojax.convert import heads as head_conv
+
+        prefix = "head." if v1 and name == "dino_head" else f"{name}."
+        model.update({prefix + k: v for k, v in head_conv.dino_head_to_torch(head).items()})
+    write_file({"teacher": model}, dst)
