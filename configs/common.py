@@ -129,7 +129,36 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.knn_every = 12500  # 0: off
     c.train.knn_max_train = 50000
     c.train.nan_policy = "stop"  # or "skip"
+    # Stop after this many steps although the schedules run to epochs x epoch_length (None: all).
+    c.train.max_steps = ml_collections.config_dict.placeholder(int)
+    c.train.max_consecutive_skips = 100  # nan_policy="skip": give up after this many in a row
+    c.train.async_checkpoints = True
+    c.train.knn_batch_size = 256
+    c.train.knn_image_size = 224  # eval transform: resize 256/224 * size, center crop `size`
+    c.train.peak_flops = ml_collections.config_dict.placeholder(float)  # per device; None: guess
     return c
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """`get_config` argument -> ConfigDict: "smoke,variant=vitb16" gives smoke=True,
+    variant="vitb16". Keys not in `defaults` are an error; values take the defaults' types."""
+    out = ml_collections.ConfigDict(dict(defaults, smoke=defaults.get("smoke", False)))
+    for token in filter(None, (t.strip() for t in (arg or "").split(","))):
+        key, eq, value = token.partition("=")
+        if key not in out:
+            raise ValueError(f"unknown config argument {key!r}; known: {sorted(out.keys())}")
+        default = out[key]
+        if not eq:
+            if not isinstance(default, bool):
+                raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
+            out[key] = True
+        elif isinstance(default, bool):
+            if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(f"config argument {key}={value!r} is not a boolean")
+            out[key] = value.lower() in ("1", "true", "yes")
+        else:
+            out[key] = type(default)(value) if default is not None else value
+    return out
 
 
 def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -161,4 +190,6 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 4
     c.train.knn_every = 0
     c.train.knn_max_train = 1000
+    c.train.knn_batch_size = 64
+    c.train.knn_image_size = c.data.global_crops_size
     return c

@@ -1,0 +1,1 @@
+"""Training: the loop (`trainer`), checkpoints (`checkpoint`), metrics and export."""
