@@ -3,6 +3,7 @@
     python convert_weights.py dinov2_vitb14_reg4_pretrain.pth ckpt/      # PyTorch -> dinojax
     python convert_weights.py teacher_checkpoint.pth ckpt/ --arch dinov2_vitl14
     python convert_weights.py ckpt/ exported.pth [--format teacher]      # dinojax -> PyTorch
+    python convert_weights.py ckpt/ model.safetensors --format hf        # -> Hugging Face names
 
 The direction follows from the formats: a dinojax checkpoint directory as SRC exports it to an
 official `.pth` / `.safetensors` state dict; any other SRC is read as an official checkpoint
@@ -24,8 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", help="official architecture name when detection is ambiguous")
     ap.add_argument("--which", default="teacher", choices=["teacher", "student"],
                     help="which network of a training checkpoint to convert")  # fmt: skip
-    ap.add_argument("--format", default="hub", choices=["hub", "teacher"],
-                    help="export layout: hub backbone, or teacher_checkpoint with heads")  # fmt: skip
+    ap.add_argument("--format", default="hub", choices=["hub", "teacher", "hf"],
+                    help="export layout: hub backbone, teacher_checkpoint with heads, or the "
+                         "Hugging Face Dinov2 names")  # fmt: skip
     ap.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     args = ap.parse_args(argv)
 
@@ -43,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"patch {cfg.patch_size}, {cfg.num_register_tokens} registers)")  # fmt: skip
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # unwritable DST, disk full, ...: still one line, nothing left behind
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     return 0
 

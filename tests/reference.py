@@ -49,8 +49,9 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> None:
                 p.copy_(r / np.sqrt(fan_in))
 
 
-def official_vit(cfg: ViTConfig, seed: int = 0) -> torch.nn.Module:
-    """Official DinoVisionTransformer (PyPI code) for a non-register config, hub key names."""
+def official_vit(cfg: ViTConfig, seed: int = 0, block_chunks: int = 0) -> torch.nn.Module:
+    """Official DinoVisionTransformer (PyPI code) for a non-register config; hub key names, or
+    the chunked `blocks.{c}.{i}` names of training checkpoints with `block_chunks` > 0."""
     assert cfg.num_register_tokens == 0
     m = OfficialViT(
         img_size=cfg.img_size,
@@ -61,7 +62,7 @@ def official_vit(cfg: ViTConfig, seed: int = 0) -> torch.nn.Module:
         mlp_ratio=cfg.mlp_ratio,
         init_values=cfg.layerscale_init,
         ffn_layer="swiglufused" if cfg.ffn_layer == "swiglu" else "mlp",
-        block_chunks=0,  # hub key names (official-dino.md §1.1: the class default chunks)
+        block_chunks=block_chunks,  # 0: hub key names (§1.1: the class default chunks)
         block_fn=partial(Block, attn_class=MemEffAttention),
     )
     randomize_(m, seed)
@@ -163,3 +164,30 @@ def _official_attention_probs(block, x):
     qkv = a.qkv(y).reshape(b, n, 3, a.num_heads, c // a.num_heads).permute(2, 0, 3, 1, 4)
     q, k = qkv[0] * a.scale, qkv[1]
     return (q @ k.transpose(-2, -1)).softmax(dim=-1)
+
+
+def official_dino_head(seed: int = 0, **kw) -> torch.nn.Module:
+    """`dinov2.layers.DINOHead` (also DINO v1's head layout) with every parameter randomised."""
+    from dinov2.layers import DINOHead
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's old weight_norm API
+        head = DINOHead(**kw)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in head.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if name.endswith("weight_g"):
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * r)
+            else:
+                p.copy_(r / np.sqrt(p.shape[1]))
+    return head.eval()
+
+
+def small_config(**overrides) -> ViTConfig:
+    """A narrow, shallow v2 architecture (head dim 64) for converter tests that need no full
+    width: 2 heads, 128 wide, 4 blocks, 56 px pos-embed grid (4x4)."""
+    base = dict(name="custom", embed_dim=128, num_heads=2, depth=4, img_size=56)
+    return ViTConfig(**{**base, **overrides})

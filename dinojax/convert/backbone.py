@@ -231,6 +231,50 @@ def from_hf(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+# Names the installed transformers (5.x) gives Dinov2Model / Dinov2WithRegistersModel parameters;
+# `from_hf` also reads the older hub names (attention.attention.query, mlp.weights_in, ...).
+_HF_OUT_BLOCK = {
+    "norm1": "norm1",
+    "norm2": "norm2",
+    "ls1.gamma": "layer_scale1.lambda1",
+    "ls2.gamma": "layer_scale2.lambda1",
+    "attn.proj": "attention.o_proj",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+    "mlp.w3": "mlp.down_proj",
+}
+_SPLIT = {"attn.qkv": ("attention.q_proj", "attention.k_proj", "attention.v_proj"),
+          "mlp.w12": ("mlp.gate_proj", "mlp.up_proj")}  # fmt: skip
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.*)\.(weight|bias|gamma)$")
+
+
+def to_hf(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Official flat backbone keys -> Hugging Face Dinov2Model / Dinov2WithRegistersModel keys
+    (the inverse of `from_hf`): packed qkv and SwiGLU w12 are split row-wise again."""
+    top = {v: k for k, v in _HF_TOP.items()}
+    out: dict[str, np.ndarray] = {}
+    for k, v in sd.items():
+        if k in top:
+            out[top[k]] = v
+            continue
+        m = _BLOCK_KEY.match(k)
+        if not m:
+            raise ConversionError(f"no Hugging Face name for the official key {k!r}")
+        i, mid, leaf = m.groups()
+        prefix = f"encoder.layer.{i}."
+        if mid in _SPLIT:
+            names = _SPLIT[mid]
+            for name, part in zip(names, np.split(np.asarray(v), len(names), axis=0)):
+                out[f"{prefix}{name}.{leaf}"] = part
+        elif leaf == "gamma":
+            out[prefix + _HF_OUT_BLOCK[f"{mid}.gamma"]] = v
+        elif mid in _HF_OUT_BLOCK:
+            out[f"{prefix}{_HF_OUT_BLOCK[mid]}.{leaf}"] = v
+        else:
+            raise ConversionError(f"no Hugging Face name for the official key {k!r}")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Architecture detection
 # ---------------------------------------------------------------------------------------------

@@ -31,13 +31,17 @@ from dinojax.convert.backbone import (
     from_hf,
     from_official,
     is_hf,
+    to_hf,
     to_official,
 )
-from dinojax.convert.io import read_file, write_file
+from dinojax.convert.io import FILE_SUFFIXES, read_file, write_file
+from dinojax.convert.layout import stack_blocks, unstack_blocks
 from dinojax.models.config import ViTConfig
 
 FORMAT_VERSION = 1
 META = "dinojax.json"
+LAYOUTS = ("stacked", "per_layer")  # how `backbone.blocks` is stored (see dinojax.convert.layout)
+EXPORT_FORMATS = ("hub", "teacher", "hf")
 
 
 def _strip(sd: dict, prefix: str) -> dict:
@@ -55,8 +59,7 @@ def split_checkpoint(obj: dict, which: str = "teacher") -> tuple[str, dict, dict
     if any(isinstance(v, dict) for v in obj.values()):
         if which not in obj or not isinstance(obj[which], dict):
             raise ConversionError(
-                f"training checkpoint has no {which!r} state dict (top-level keys: "
-                f"{sorted(obj)})"
+                f"training checkpoint has no {which!r} state dict (top-level keys: {sorted(obj)})"
             )
         model = _unwrap(obj[which])
         v1 = "student" in obj and "dino_loss" in obj
@@ -110,6 +113,11 @@ def convert(
 ) -> ViTConfig:
     """Convert an official checkpoint file to a dinojax checkpoint directory (atomically)."""
     dst = Path(dst)
+    if dst.suffix in FILE_SUFFIXES:
+        raise ConversionError(
+            f"{dst}: a dinojax checkpoint is a directory; SRC {src} is not a dinojax checkpoint "
+            "directory, so there is nothing to export"
+        )
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
         raise ConversionError(f"{dst} exists and is not empty (use --overwrite)")
     obj = read_file(src)
@@ -188,7 +196,15 @@ def restore_tree(path: str | os.PathLike) -> tuple[dict, dict]:
     for name, hcfg in meta["heads"].items():
         head = nnx.eval_shape(_head_module(hcfg))
         heads[name] = nnx.to_pure_dict(nnx.state(head, nnx.Param))
-    target = {"backbone": abstract_params(cfg), "heads": heads, "extras": {}}
+    layout = meta.get("layout", "stacked")
+    if layout not in LAYOUTS:
+        raise ConversionError(f"{path}: unknown block layout {layout!r} (expected {LAYOUTS})")
+    backbone = abstract_params(cfg)
+    if layout == "per_layer":
+        # orbax stores dict keys as strings
+        per = unstack_blocks(backbone)
+        backbone = {**per, "blocks": {str(i): b for i, b in per["blocks"].items()}}
+    target = {"backbone": backbone, "heads": heads, "extras": {}}
     ckptr = ocp.StandardCheckpointer()
     try:
         on_disk = ckptr.metadata(path / "state")
@@ -200,8 +216,16 @@ def restore_tree(path: str | os.PathLike) -> tuple[dict, dict]:
         sds = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), target)
         tree = ckptr.restore(path / "state", sds)
     except Exception as e:
-        raise ConversionError(f"{path}: cannot restore the checkpoint ({e})") from e
-    return jax.tree.map(np.asarray, tree), meta
+        raise ConversionError(f"{path}: cannot restore the checkpoint ({_brief(e)})") from e
+    tree = jax.tree.map(np.asarray, tree)
+    if layout == "per_layer":
+        tree["backbone"] = stack_blocks(tree["backbone"])
+    return tree, meta
+
+
+def _brief(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
 
 
 def load(path: str | os.PathLike, *, heads: bool = False, **overrides):
@@ -236,19 +260,31 @@ def export(
 
     fmt="hub": the backbone state dict the official hub models load with strict=True.
     fmt="teacher": {"teacher": {"backbone.*", "dino_head.*", "ibot_head.*"}} like DINOv2's
-    teacher_checkpoint.pth (DINO v1 heads are written as "head.*").
+    teacher_checkpoint.pth, with flat `blocks.{i}` keys (an official model built with
+    block_chunks=0 loads it strictly); DINO v1 heads are written as "head.*".
+    fmt="hf": the backbone with Hugging Face Dinov2Model / Dinov2WithRegistersModel names.
     """
     dst = Path(dst)
+    if fmt not in EXPORT_FORMATS:
+        raise ConversionError(f"unknown export format {fmt!r} (one of {EXPORT_FORMATS})")
+    if dst.suffix not in FILE_SUFFIXES:
+        raise ConversionError(
+            f"{dst}: unknown output format {dst.suffix or '(no extension)'!r} "
+            f"(use one of {sorted(FILE_SUFFIXES)})"
+        )
     if dst.exists() and not overwrite:
         raise ConversionError(f"{dst} exists (use --overwrite)")
-    if fmt not in ("hub", "teacher"):
-        raise ConversionError(f"unknown export format {fmt!r} (hub or teacher)")
     tree, meta = restore_tree(src)
     sd = to_official(tree["backbone"])
+    v1 = meta["arch"]["family"] == "dino"
     if fmt == "hub":
         write_file(sd, dst)
         return
-    v1 = meta["arch"]["family"] == "dino"
+    if fmt == "hf":
+        if v1:
+            raise ConversionError("DINO v1 backbones have no Hugging Face Dinov2 equivalent")
+        write_file(to_hf(sd), dst)
+        return
     model = {f"backbone.{k}": v for k, v in sd.items()}
     for name, head in tree["heads"].items():
         from dinojax.convert import heads as head_conv

@@ -16,6 +16,8 @@ import numpy as np
 from dinojax.convert.backbone import ConversionError
 
 SAFE_GLOBALS = [argparse.Namespace]
+TORCH_SUFFIXES = (".pth", ".pt", ".bin")  # .bin: Hugging Face pytorch_model.bin
+FILE_SUFFIXES = frozenset((*TORCH_SUFFIXES, ".safetensors"))
 
 
 def _torch():
@@ -49,7 +51,15 @@ def read_file(path: str | os.PathLike) -> dict:
     if not path.exists():
         raise ConversionError(f"{path}: no such file")
     if path.is_dir():
-        raise ConversionError(f"{path} is a directory, expected a .pth or .safetensors file")
+        raise ConversionError(
+            f"{path} is a directory but not a dinojax checkpoint (no dinojax.json); expected "
+            "a .pth or .safetensors file"
+        )
+    if path.suffix not in FILE_SUFFIXES:
+        raise ConversionError(
+            f"{path}: unknown checkpoint format {path.suffix or '(no extension)'!r} "
+            f"(expected one of {sorted(FILE_SUFFIXES)})"
+        )
     if path.stat().st_size == 0:
         raise ConversionError(f"{path} is empty")
     if path.suffix == ".safetensors":
@@ -86,7 +96,7 @@ def write_file(state: dict, path: str | os.PathLike) -> None:
 
             flat = _flatten_nested(state)
             save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, str(tmp))
-        elif path.suffix in (".pth", ".pt"):
+        elif path.suffix in TORCH_SUFFIXES:
             torch = _torch()
             torch.save(_to_torch(state), str(tmp))
         else:
