@@ -1,0 +1,523 @@
+"""The DINOv2 / DINO self-supervised training step: one jit over a plain state pytree.
+
+    state, state_shardings = create_train_state(config, mesh)    # created sharded
+    train_step = make_train_step(config, mesh, state_shardings)   # jitted, state donated
+    state, metrics = train_step(state, batch)                     # batch: global jax.Arrays
+
+State (plain dicts of arrays; parameter trees are `nnx.to_pure_dict` of the modules):
+
+    {"student": {"backbone", "dino_head", ["ibot_head"]},   # ibot_head iff heads.separate_ibot_head
+     "teacher": same structure (a copy, never shared buffers: pitfall 9),
+     "opt_state": {"mu", "nu", "count"} over the student (dinojax.ssl.optim.adamw_init),
+     "dino_center": (1, K) f32, ["ibot_center": (1, 1, K') f32 when iBOT is on],
+     "step": int32 (0-based official iteration), "rng": uint32 key data (fixed; the per-step key
+     is fold_in(rng, step), so a resumed run draws the same drop-path masks)}
+
+One step (official-dino.md §3-4, ssl_meta_arch.forward_backward + train.py do_train):
+  schedules(step) -> lr, last-layer lr, wd, teacher momentum, teacher temperature;
+  teacher backbone on the 2 global crops (no masks, no drop path, no gradient) -> CLS swapped
+  crop-wise -> DINO head; masked patch tokens gathered into the static padded buffer -> DINO head
+  (shared) or iBOT head -> centering (lazy EMA center, new center stored) or Sinkhorn-Knopp;
+  student backbone on the masked global crops and, separately, on the local crops (two static
+  shapes) -> heads -> loss = w_dino (dino_local + dino_global) + w_koleo koleo + w_ibot ibot;
+  value_and_grad w.r.t. the student; clipping (per submodule, or per tensor for v1); AdamW with the
+  official parameter groups; teacher EMA with the traced momentum.
+
+DINO v1 (config.loss.family == "dino"): DINO loss only, no masks, v1 parameter groups, per-tensor
+clipping and the skip-freeze of the last layer, all chosen by the config (see configs/).
+
+Shards. KoLeo and the iBOT center are per-GPU quantities in the official code (§3.4, §3.5).
+`config.loss.n_shards` (optional; default: the number of devices the batch is split over) says
+how many official "GPUs" the global batch stands for; fix it to make a run independent of the mesh.
+
+NaN / Inf. `metrics["finite"]` is False when a loss term or a gradient norm is not finite. With
+`config.train.nan_policy == "skip"` such a step leaves every state entry unchanged EXCEPT `step`,
+which still advances: the batch was consumed, and the schedules stay aligned with the data stream
+(resuming at step k reads batch k). Selected with jnp.where inside the same program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from dinojax import sharding as shd
+from dinojax.models.config import ViTConfig, get_config
+from dinojax.models.heads import DINOHead
+from dinojax.models.vit import DinoVisionTransformer
+from dinojax.ssl import centering, losses, optim
+
+Array = jax.Array
+
+__all__ = [
+    "StepSetup",
+    "create_train_state",
+    "flops_per_step",
+    "make_train_step",
+    "student_backbone",
+    "teacher_backbone",
+    "vit_config",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Static description of a recipe
+# ---------------------------------------------------------------------------------------------
+
+
+def vit_config(config) -> ViTConfig:
+    """The backbone architecture: `model.arch` with `model.overrides` applied."""
+    overrides = dict(config.model.get("overrides", None) or {})
+    return get_config(config.model.arch, **overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSetup:
+    """Everything static the step needs, validated once from the config."""
+
+    vit: ViTConfig
+    family: str  # "dinov2" or "dino"
+    centering: str  # "centering" or "sinkhorn_knopp"
+    separate_ibot_head: bool
+    do_ibot: bool
+    do_koleo: bool
+    dino_w: float
+    koleo_w: float
+    ibot_w: float
+    student_temp: float
+    center_momentum: float
+    clip_grad: float
+    clip_mode: str
+    nan_skip: bool
+
+    @classmethod
+    def from_config(cls, config) -> StepSetup:
+        vit = vit_config(config)
+        lo, o, h = config.loss, config.optim, config.heads
+        family = lo.family
+        if family not in ("dinov2", "dino"):
+            raise ValueError(f"loss.family must be 'dinov2' or 'dino', got {family!r}")
+        if lo.centering not in ("centering", "sinkhorn_knopp"):
+            raise ValueError(
+                f"loss.centering must be 'centering' or 'sinkhorn_knopp', got {lo.centering!r}"
+            )
+        if family == "dino" and lo.centering != "centering":
+            raise ValueError("DINO v1 uses EMA centering only (loss.centering='centering')")
+        if o.clip_mode not in ("per_submodule", "per_tensor"):
+            raise ValueError(
+                f"optim.clip_mode must be 'per_submodule' or 'per_tensor', got {o.clip_mode!r}"
+            )
+        policy = config.train.get("nan_policy", "stop")
+        if policy not in ("stop", "skip"):
+            raise ValueError(f"train.nan_policy must be 'stop' or 'skip', got {policy!r}")
+        v2 = family == "dinov2"
+        do_ibot = v2 and float(lo.ibot_loss_weight) > 0
+        if do_ibot and not vit.has_mask_token:
+            raise ValueError(f"iBOT needs a backbone with a mask token; {vit.name} has none")
+        return cls(
+            vit=vit,
+            family=family,
+            centering=lo.centering,
+            separate_ibot_head=bool(h.separate_ibot_head) and do_ibot,
+            do_ibot=do_ibot,
+            do_koleo=v2 and float(lo.koleo_loss_weight) > 0,
+            dino_w=float(lo.dino_loss_weight),
+            koleo_w=float(lo.koleo_loss_weight),
+            ibot_w=float(lo.ibot_loss_weight),
+            student_temp=float(lo.student_temp),
+            center_momentum=float(lo.center_momentum),
+            clip_grad=float(o.clip_grad or 0.0),
+            clip_mode=o.clip_mode,
+            nan_skip=policy == "skip",
+        )
+
+    @property
+    def ibot_head_name(self) -> str:
+        return "ibot_head" if self.separate_ibot_head else "dino_head"
+
+
+def _head(config, vit: ViTConfig, *, ibot: bool, rngs: nnx.Rngs) -> DINOHead:
+    h = config.heads
+    p = "ibot_" if ibot else ""
+    return DINOHead(
+        vit.embed_dim,
+        int(h[f"{p}out_dim"]),
+        nlayers=int(h.nlayers),
+        hidden_dim=int(h[f"{p}hidden_dim"]),
+        bottleneck_dim=int(h[f"{p}bottleneck_dim"]),
+        dtype=jnp.dtype(vit.dtype),
+        param_dtype=jnp.dtype(vit.param_dtype),
+        rngs=rngs,
+    )
+
+
+def _build_modules(config, setup: StepSetup, key: Array) -> dict[str, nnx.Module]:
+    k_bb, k_dino, k_ibot = jax.random.split(key, 3)
+    mods: dict[str, nnx.Module] = {
+        "backbone": DinoVisionTransformer(setup.vit, rngs=nnx.Rngs(params=k_bb)),
+        "dino_head": _head(config, setup.vit, ibot=False, rngs=nnx.Rngs(params=k_dino)),
+    }
+    if setup.separate_ibot_head:
+        mods["ibot_head"] = _head(config, setup.vit, ibot=True, rngs=nnx.Rngs(params=k_ibot))
+    if setup.family == "dino" and config.heads.norm_last_layer:
+        # v1 norm_last_layer: weight_g is 1 and never trained (the optimizer skips it).
+        g = mods["dino_head"].last_layer.weight_g
+        g.value = jnp.ones_like(g.value)
+    return mods
+
+
+class _Graphs:
+    """Graph definitions of the modules, to run them on plain parameter dicts (nnx.merge)."""
+
+    def __init__(self, config, setup: StepSetup):
+        abstract = nnx.eval_shape(lambda: _build_modules(config, setup, jax.random.key(0)))
+        self.abstract = abstract
+        self.graphdefs = {k: nnx.split(m, nnx.Param)[0] for k, m in abstract.items()}
+
+    def module(self, name: str, params: Mapping) -> Any:
+        return nnx.merge(self.graphdefs[name], params)
+
+    def names(self) -> dict:
+        return {k: shd.logical_names(m) for k, m in self.abstract.items()}
+
+
+def n_batch_shards(config, mesh: Mesh) -> int:
+    """Official per-GPU groups of the batch: config.loss.n_shards, else the batch device count."""
+    n = config.loss.get("n_shards", None)
+    if n:
+        return int(n)
+    rules = tuple(config.mesh.rules)
+    return int(math.prod(mesh.shape[a] for a in shd.batch_axes(mesh, rules)))
+
+
+# ---------------------------------------------------------------------------------------------
+# State creation
+# ---------------------------------------------------------------------------------------------
+
+
+def _init_state(config, setup: StepSetup, key: Array) -> dict:
+    k_model, k_rng = jax.random.split(key)
+    mods = _build_modules(config, setup, k_model)
+    student = {k: nnx.to_pure_dict(nnx.state(m, nnx.Param)) for k, m in mods.items()}
+    # The teacher is a copy with its own buffers (pitfall 9): official prepare_for_distributed_
+    # training loads the student's state dict into the teacher.
+    teacher = jax.tree.map(jnp.copy, student)
+    state = {
+        "student": student,
+        "teacher": teacher,
+        "opt_state": optim.adamw_init(student),
+        "dino_center": centering.init_center(int(config.heads.out_dim)),
+        "step": jnp.zeros((), jnp.int32),
+        "rng": jax.random.key_data(k_rng),
+    }
+    if setup.do_ibot:
+        k_ibot = int(
+            config.heads.ibot_out_dim if setup.separate_ibot_head else config.heads.out_dim
+        )
+        state["ibot_center"] = centering.init_center(k_ibot, ibot=True)
+    return state
+
+
+def state_shardings_for(config, mesh: Mesh, abstract_state: Mapping | None = None) -> dict:
+    """NamedShardings of the state from the parameters' logical names and config.mesh.rules."""
+    setup = StepSetup.from_config(config)
+    graphs = _Graphs(config, setup)
+    if abstract_state is None:
+        abstract_state = jax.eval_shape(lambda k: _init_state(config, setup, k), jax.random.key(0))
+    rules = tuple(config.mesh.rules)
+    names = graphs.names()
+    params = lambda tree: shd.logical_to_mesh_sharding(tree, mesh, rules, names)  # noqa: E731
+    repl = shd.replicated(mesh)
+    out = {k: jax.tree.map(lambda _: repl, v) for k, v in abstract_state.items()}
+    out["student"] = params(abstract_state["student"])
+    out["teacher"] = params(abstract_state["teacher"])
+    out["opt_state"]["mu"] = params(abstract_state["opt_state"]["mu"])
+    out["opt_state"]["nu"] = params(abstract_state["opt_state"]["nu"])
+    return out
+
+
+def create_train_state(config, mesh: Mesh, *, seed: int | None = None) -> tuple[dict, dict]:
+    """(state, state_shardings): the initial state, created directly with its shardings
+    (one jit with out_shardings: no full copy on one device)."""
+    setup = StepSetup.from_config(config)
+    key = jax.random.key(int(config.seed if seed is None else seed))
+    abstract = jax.eval_shape(lambda k: _init_state(config, setup, k), key)
+    shardings = state_shardings_for(config, mesh, abstract)
+    with jax.set_mesh(mesh):
+        state = jax.jit(lambda k: _init_state(config, setup, k), out_shardings=shardings)(key)
+    return state, shardings
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+# ---------------------------------------------------------------------------------------------
+
+
+def _images(x: Array) -> Array:
+    if x.dtype == jnp.uint8:  # pipeline run with normalize=False: normalise on device
+        from dinojax.data.pipeline import normalize_images
+
+        return normalize_images(x)
+    return x.astype(jnp.float32)
+
+
+def _crop_major(x: Array, n_crops: int) -> Array:
+    # Multi-process batches are process-blocked (dinojax.data.pipeline); the losses need the
+    # global crop-major order of the official collate. Identity with one process.
+    from dinojax.data.pipeline import process_blocked_to_crop_major
+
+    return process_blocked_to_crop_major(x, n_crops, jax.process_count())
+
+
+def _finite(*xs) -> Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]))
+
+
+def build_step_fn(config, mesh: Mesh):
+    """The un-jitted step(state, batch) -> (state, metrics) (make_train_step jits it)."""
+    setup = StepSetup.from_config(config)
+    graphs = _Graphs(config, setup)
+    scheds = optim.make_schedules(config)
+    n_shards = n_batch_shards(config, mesh)
+    n_local = int(config.data.local_crops_number)
+    o = config.optim
+    drop_path = setup.vit.drop_path_rate > 0
+
+    def heads_of(params):
+        dino = graphs.module("dino_head", params["dino_head"])
+        ibot = graphs.module("ibot_head", params["ibot_head"]) if setup.separate_ibot_head else dino
+        return dino, ibot
+
+    def step_fn(state: dict, batch: Mapping[str, Array]) -> tuple[dict, dict]:
+        step = state["step"]
+        s = scheds(step)
+        temp = s["teacher_temp"]
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+        k_global, k_local = jax.random.split(key)
+
+        g_img = _crop_major(_images(batch["global_crops"]), 2)
+        n_img = g_img.shape[0]  # 2B global-crop images
+        l_img = None
+        if n_local:
+            l_img = _crop_major(_images(batch["local_crops"]), n_local)
+        masks = buf = None
+        if setup.family == "dinov2" and "masks" in batch:
+            masks = _crop_major(batch["masks"], 2)
+        if setup.do_ibot:
+            if masks is None:
+                raise ValueError("the iBOT loss needs batch['masks'] (pipeline with masking)")
+            upper = int(batch["mask_indices"].shape[0])
+            buf = losses.masked_token_buffer(masks, upper, n_shards=n_shards)
+
+        # ---- teacher: eval mode, no masks, no drop path, no gradient (§3.1) ----------------
+        teacher = jax.lax.stop_gradient(state["teacher"])
+        t_out = graphs.module("backbone", teacher["backbone"]).forward_features(g_img)
+        t_dino, t_ibot = heads_of(teacher)
+        # chunked and swapped BEFORE the head: student crop i meets teacher crop 1 - i (§3.2)
+        t_cls = t_dino(losses.swap_global_crops(t_out["x_norm_clstoken"]))
+        new_centers = {}
+        if setup.centering == "centering":
+            p_cls, new_centers["dino_center"] = centering.center_and_update(
+                t_cls, state["dino_center"], temp, setup.center_momentum
+            )
+        else:
+            p_cls = centering.sinkhorn_knopp_teacher(t_cls, temp)
+        if setup.do_ibot:
+            d = t_out["x_norm_patchtokens"].shape[-1]
+            t_patch = t_ibot(t_out["x_norm_patchtokens"].reshape(-1, d)[buf.indices])
+            if setup.centering == "centering":
+                p_patch, new_centers["ibot_center"] = centering.ibot_center_and_update(
+                    t_patch, state["ibot_center"], temp, buf.valid, setup.center_momentum,
+                    shard_ids=buf.shard_ids, n_shards=n_shards,
+                )  # fmt: skip
+            else:
+                p_patch = centering.ibot_sinkhorn_knopp_teacher(t_patch, temp, buf.valid)
+
+        # ---- student --------------------------------------------------------------------
+        def loss_fn(params):
+            bb = graphs.module("backbone", params["backbone"])
+            s_dino, s_ibot = heads_of(params)
+            s_g = bb.forward_features(g_img, masks, key=k_global if drop_path else None)
+            s_g_cls = s_g["x_norm_clstoken"]
+            s_local = None
+            if n_local:
+                s_l = bb.forward_features(l_img, key=k_local if drop_path else None)
+                s_local = s_dino(s_l["x_norm_clstoken"])
+            dino_local, dino_global = losses.dino_loss(
+                s_dino(s_g_cls), s_local, p_cls, student_temp=setup.student_temp
+            )
+            terms = {"dino_local_loss": dino_local, "dino_global_loss": dino_global}
+            total = setup.dino_w * (dino_local + dino_global)
+            if setup.do_koleo:
+                # on the student's backbone CLS of the (masked) global crops, per shard (§3.5)
+                koleo = setup.koleo_w * losses.koleo_loss(s_g_cls, n_shards=n_shards)
+                terms["koleo_loss"] = koleo
+                total = total + koleo
+            if setup.do_ibot:
+                d = s_g["x_norm_patchtokens"].shape[-1]
+                s_patch = s_ibot(s_g["x_norm_patchtokens"].reshape(-1, d)[buf.indices])
+                ibot = losses.ibot_patch_loss(
+                    s_patch, p_patch, buf.weights, buf.valid, n_img,
+                    student_temp=setup.student_temp,
+                )  # fmt: skip
+                terms["ibot_loss"] = setup.ibot_w * ibot
+                total = total + setup.ibot_w * ibot
+            return total, terms
+
+        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["student"])
+
+        # ---- optimizer --------------------------------------------------------------------
+        groups = optim.param_groups(state["student"], config)
+        norms = {sub: optim.global_norm(g) for sub, g in grads.items()}
+        if setup.clip_grad > 0:
+            if setup.clip_mode == "per_submodule":
+                grads, _ = optim.clip_per_submodule(grads, setup.clip_grad)
+            else:
+                grads = optim.clip_per_tensor(grads, groups, setup.clip_grad)
+        new_student, new_opt = optim.adamw_update(
+            grads, state["opt_state"], state["student"], groups,
+            lr=s["lr"], last_layer_lr=s["last_layer_lr"], wd=s["wd"],
+            last_layer_active=optim.last_layer_active(config, step),
+            b1=float(o.b1), b2=float(o.b2), eps=float(o.eps),
+        )  # fmt: skip
+        # ---- teacher EMA with the traced momentum (pitfall 11) ------------------------------
+        m = s["momentum"]
+        new_teacher = jax.tree.map(
+            lambda t, p: (t * m + p * (1 - m)).astype(t.dtype), state["teacher"], new_student
+        )
+
+        finite = _finite(loss, *terms.values(), *norms.values())
+        new_state = {
+            **state,
+            "student": new_student,
+            "teacher": new_teacher,
+            "opt_state": new_opt,
+            **new_centers,
+        }
+        if setup.nan_skip:
+            new_state = jax.tree.map(lambda n, old: jnp.where(finite, n, old), new_state, state)
+        new_state["step"] = step + 1
+
+        metrics = {"loss": loss, **terms}
+        metrics.update({f"grad_norm_{k}": v for k, v in norms.items()})
+        metrics.update(
+            lr=s["lr"], last_layer_lr=s["last_layer_lr"], wd=s["wd"], momentum=m,
+            teacher_temp=temp, finite=finite,
+        )  # fmt: skip
+        if setup.do_ibot:
+            metrics["n_masked"] = jnp.sum(buf.valid.astype(jnp.int32))
+        return new_state, metrics
+
+    return step_fn
+
+
+def make_train_step(config, mesh: Mesh, state_shardings: Mapping):
+    """ONE jax.jit of the step: state donated, outputs pinned to the input shardings (pitfall 8),
+    metrics replicated. Call it as `state, metrics = train_step(state, batch)`."""
+    step_fn = build_step_fn(config, mesh)
+    rules = tuple(config.mesh.rules)
+    jitted = jax.jit(
+        step_fn,
+        donate_argnums=0,
+        out_shardings=(dict(state_shardings), shd.replicated(mesh)),
+    )
+
+    def train_step(state, batch):
+        # The model's activation constraints use logical names: resolve them with the mesh rules.
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jitted(state, batch)
+
+    train_step.jitted = jitted  # for lowering / cache inspection
+    return train_step
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers for evaluation and accounting
+# ---------------------------------------------------------------------------------------------
+
+
+def _backbone(state: Mapping, config, which: str) -> DinoVisionTransformer:
+    vit = vit_config(config).replace(drop_path_rate=0.0)
+    abstract = nnx.eval_shape(lambda: DinoVisionTransformer(vit, rngs=nnx.Rngs(0)))
+    graphdef = nnx.split(abstract, nnx.Param)[0]
+    return nnx.merge(graphdef, state[which]["backbone"])
+
+
+def teacher_backbone(state: Mapping, config) -> DinoVisionTransformer:
+    """The teacher backbone as a module (shares the state's arrays; for evals / export)."""
+    return _backbone(state, config, "teacher")
+
+
+def student_backbone(state: Mapping, config) -> DinoVisionTransformer:
+    return _backbone(state, config, "student")
+
+
+def _vit_forward_flops(vit: ViTConfig, img: int) -> float:
+    # jax-ecosystem.md §10: per block 24 N D^2 + 4 N^2 D (qkv 6, proj 2, MLP 16 N D^2; QK^T and
+    # AV 4 N^2 D); SwiGLU replaces 16 N D^2 by 6 N D h'. Plus the patch embedding 2 n 3 p^2 D.
+    p, d = vit.patch_size, vit.embed_dim
+    n_patch = (img // p) ** 2
+    n = n_patch + 1 + vit.num_register_tokens
+    mlp = 6 * n * d * vit.ffn_hidden_dim if vit.ffn_layer == "swiglu" else 16 * n * d * d
+    block = 8 * n * d * d + mlp + 4 * n * n * d
+    return float(vit.depth * block + 2 * n_patch * 3 * p * p * d)
+
+
+def _head_flops(config, ibot: bool) -> float:
+    h = config.heads
+    pre = "ibot_" if ibot else ""
+    d = vit_config(config).embed_dim
+    hid, bott, k = (
+        int(h[f"{pre}hidden_dim"]),
+        int(h[f"{pre}bottleneck_dim"]),
+        int(h[f"{pre}out_dim"]),
+    )
+    nl = int(h.nlayers)
+    dims = [d, bott] if nl == 1 else [d] + [hid] * (nl - 1) + [bott]
+    mlp = sum(2 * a * b for a, b in zip(dims[:-1], dims[1:]))
+    return float(mlp + 2 * bott * k)
+
+
+def flops_per_step(config, mask_upper_bound: int | None = None) -> float:
+    """Analytic training FLOPs of one step on the global batch (MaxText-style MFU accounting).
+
+    Student = 3x forward (forward + backward) over 2B global + n_local*B local crops and their
+    heads (CLS tokens, masked patch tokens at the static buffer size); teacher = 1x forward over
+    the 2B global crops and its heads. Attention softmax, norms and losses are not counted.
+    """
+    setup = StepSetup.from_config(config)
+    vit = setup.vit
+    b = int(config.batch_size)
+    nl = int(config.data.local_crops_number)
+    g_size, l_size = int(config.data.global_crops_size), int(config.data.local_crops_size)
+    backbone_fwd = 2 * b * _vit_forward_flops(vit, g_size) + nl * b * _vit_forward_flops(
+        vit, l_size
+    )
+    teacher_bb = 2 * b * _vit_forward_flops(vit, g_size)
+    dino_head = _head_flops(config, ibot=False)
+    if setup.do_ibot and mask_upper_bound is None:
+        from dinojax.data.masking import mask_upper_bound as bound
+
+        n_tok = (g_size // vit.patch_size) ** 2
+        ratio = tuple(config.data.mask_ratio)
+        mask_upper_bound = bound(2 * b, n_tok, float(config.data.mask_probability), ratio)
+    u = int(mask_upper_bound or 0) if setup.do_ibot else 0
+    ibot_head = _head_flops(config, ibot=setup.separate_ibot_head)
+    student_heads = (2 * b + nl * b) * dino_head + u * ibot_head
+    teacher_heads = 2 * b * dino_head + u * ibot_head
+    return float(3 * (backbone_fwd + student_heads) + teacher_bb + teacher_heads)
+
+
+def state_summary(state: Mapping) -> dict[str, int]:
+    """Parameter counts of the student submodules (for logs)."""
+    return {k: int(sum(np.prod(x.shape) for x in jax.tree.leaves(v)))
+            for k, v in state["student"].items()}  # fmt: skip
