@@ -199,7 +199,13 @@ class Checkpointer:
         if not path.is_dir():
             raise CheckpointError(f"no checkpoint for step {step} in {self.directory}")
         ckptr = ocp.PyTreeCheckpointer()
-        meta = ckptr.metadata(path)
+        absl_log = logging.getLogger("absl")
+        level = absl_log.level
+        absl_log.setLevel(logging.ERROR)  # a missing step-level metadata file is expected here
+        try:
+            meta = ckptr.metadata(path)
+        finally:
+            absl_log.setLevel(level)
         meta = getattr(meta, "item_metadata", meta)
         meta = getattr(meta, "tree", meta)
         tree = meta
