@@ -298,7 +298,10 @@ def detect_config(sd: dict[str, np.ndarray], arch: str | None = None) -> ViTConf
     if m * m != n_pos:
         raise ConversionError(f"pos_embed has {n_pos} patch positions, not a square grid")
     if arch is not None:
-        return get_config(arch, img_size=m * p)
+        try:
+            return get_config(arch, img_size=m * p)
+        except ValueError as e:
+            raise ConversionError(str(e)) from e
     idx = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.")}
     depth = max(idx) + 1 if idx else 0
     if sorted(idx) != list(range(depth)):

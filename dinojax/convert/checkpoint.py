@@ -147,6 +147,33 @@ def convert(
     return cfg
 
 
+def save_model(
+    dst: str | os.PathLike, model, *, heads: dict | None = None, overwrite: bool = False
+) -> None:
+    """A JAX `DinoVisionTransformer` (and optional `{name: DINOHead}`) -> checkpoint directory,
+    the same layout `convert` writes, so `export` turns it into official files."""
+    from flax import nnx
+
+    from dinojax.convert import heads as head_conv
+
+    tree = {"backbone": model.params(), "heads": {}, "extras": {}}
+    head_cfgs = {}
+    for name, head in (heads or {}).items():
+        pure = nnx.to_pure_dict(nnx.state(head, nnx.Param))
+        head_cfgs[name] = head_conv.head_config_from_torch(head_conv.dino_head_to_torch(pure))
+        tree["heads"][name] = pure
+    meta = {
+        "format": "dinojax",
+        "version": FORMAT_VERSION,
+        "layout": "stacked",
+        "arch": model.cfg.to_dict(),
+        "heads": head_cfgs,
+        "extras": [],
+        "source": {"format": "dinojax"},
+    }
+    save(dst, tree, meta, overwrite=overwrite)
+
+
 def save(dst: str | os.PathLike, tree: dict, meta: dict, *, overwrite: bool = False) -> None:
     """Write {backbone, heads, extras} + metadata to `dst` via a temp dir and a rename."""
     import orbax.checkpoint as ocp
