@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import jax
 import numpy as np
 
 from dinojax.convert.backbone import ConversionError
@@ -30,6 +31,12 @@ def _map(tree: Mapping, fn) -> dict:
     return {k: _map(v, fn) if isinstance(v, Mapping) else fn(v) for k, v in tree.items()}
 
 
+def _take(a, i: int):
+    if isinstance(a, jax.ShapeDtypeStruct):  # abstract trees (restore targets)
+        return jax.ShapeDtypeStruct(a.shape[1:], a.dtype)
+    return a[i]
+
+
 def unstack_blocks(params: Mapping) -> dict:
     """Stacked tree -> per-layer tree: `blocks` becomes `{0: {...}, 1: {...}, ...}` (int keys,
     like `nnx.to_pure_dict` of a list of modules). Other entries are shared, not copied."""
@@ -40,7 +47,7 @@ def unstack_blocks(params: Mapping) -> dict:
     if len(set(depths.values())) != 1 or None in depths.values():
         raise ConversionError(f"blocks are not stacked on one leading axis: {depths}")
     depth = next(iter(depths.values()))
-    blocks = {i: _map(params["blocks"], lambda a, i=i: a[i]) for i in range(depth)}
+    blocks = {i: _map(params["blocks"], lambda a, i=i: _take(a, i)) for i in range(depth)}
     return {**params, "blocks": blocks}
 
 
