@@ -34,7 +34,7 @@ NORMALIZE_EPS = 1e-12  # F.normalize default; the fp16-only 1e-6 branch never ap
 # Logical axis names of every head parameter, for the trainer's sharding rules.
 LOGICAL_AXES = {
     "first": ("embed", "mlp"),  # mlp.0 when nlayers > 1
-    "hidden": ("mlp_in", "mlp"),  # hidden -> hidden layers
+    "hidden": ("hidden", "mlp"),  # hidden -> hidden layers (rule "hidden" in config.mesh.rules)
     "last": ("mlp", "bottleneck"),  # hidden -> bottleneck
     "single": ("embed", "bottleneck"),  # nlayers == 1
     "weight_v": ("bottleneck", "prototypes"),

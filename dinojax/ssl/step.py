@@ -171,7 +171,7 @@ def _build_modules(config, setup: StepSetup, key: Array) -> dict[str, nnx.Module
     if setup.family == "dino" and config.heads.norm_last_layer:
         # v1 norm_last_layer: weight_g is 1 and never trained (the optimizer skips it).
         g = mods["dino_head"].last_layer.weight_g
-        g.value = jnp.ones_like(g.value)
+        g[...] = jnp.ones_like(g[...])
     return mods
 
 

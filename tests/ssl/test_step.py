@@ -1,0 +1,396 @@
+"""The training step vs the official PyTorch iteration, sharded vs single device, one compile.
+
+Whole-step parity: identical initial weights (ours, randomised, converted to the official
+modules with dinojax.convert), identical batch and masks, drop path off, float32, matmuls at
+"highest". Two consecutive steps of `make_train_step` and of `OfficialV2Step` / `OfficialV1Step`
+(tests/ssl/official_step.py, the official iteration assembled from the official parts) must give
+the same losses (<= 1e-5 relative) and the same student and teacher weights (<= 1e-5 max abs).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from jax.sharding import PartitionSpec as P
+
+from configs.common import base_config, smoke
+from dinojax.convert.backbone import to_official
+from dinojax.convert.heads import dino_head_to_torch
+from dinojax.data.masking import collate_masks
+from dinojax.sharding import assert_sharded, batch_sharding, make_mesh
+from dinojax.ssl.step import (
+    create_train_state,
+    flops_per_step,
+    make_train_step,
+    student_backbone,
+    teacher_backbone,
+    vit_config,
+)
+
+warnings.filterwarnings("ignore", message="xFormers not available")
+from official_step import OfficialV1Step, OfficialV2Step, to_torch_modules  # noqa: E402
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*weight_norm.*deprecated:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:.*autocast.*deprecated:FutureWarning"),
+]
+
+LOSS_TOL = 1e-5  # relative
+WEIGHT_TOL = 1e-5  # max abs
+LOSS_KEYS = ("loss", "dino_local_loss", "dino_global_loss", "koleo_loss", "ibot_loss")
+SCHEDULE_KEYS = ("lr", "wd", "momentum", "teacher_temp", "last_layer_lr")
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes, weights and batches
+# ---------------------------------------------------------------------------------------------
+
+
+def tiny_config(recipe: str = "centering_shared"):
+    """A DINOv2 / DINO v1 recipe at test size (ViT: D=64, depth 2, patch 8, 32 px crops)."""
+    c = smoke(base_config())
+    c.batch_size = 4
+    c.model.overrides.update(
+        patch_size=8, img_size=32, embed_dim=64, depth=2, num_heads=2, drop_path_rate=0.0
+    )
+    c.data.global_crops_size, c.data.local_crops_size, c.data.local_crops_number = 32, 16, 2
+    c.heads.update(out_dim=128, hidden_dim=48, bottleneck_dim=32, nlayers=3)
+    c.heads.update(ibot_out_dim=96, ibot_hidden_dim=40, ibot_bottleneck_dim=24)
+    c.optim.update(
+        epochs=5,
+        epoch_length=2,
+        warmup_epochs=0,
+        freeze_last_layer_epochs=0,
+        lr_scaling="none",
+        base_lr=2e-3,
+        weight_decay=0.1,
+        weight_decay_end=0.4,
+    )
+    c.loss.warmup_teacher_temp_epochs = 1
+    # eps 1e-4, not the official 1e-8: Adam's first step maps every gradient g to
+    # g / (|g| + eps), so a gradient that is exactly zero in exact arithmetic (the attention key
+    # bias: softmax is shift-invariant) and hence pure float32 rounding noise in both
+    # implementations becomes an update of up to lr. eps bounds that to lr * noise / eps, below
+    # the tolerance, while gradients >= 1e-3 still get ~full Adam steps. The eps arithmetic itself
+    # is checked at 1e-8 against torch on identical gradients (test_optim.py).
+    c.optim.eps = 1e-4
+    c.mesh.shape = (1, 1)
+    if recipe == "sinkhorn_separate":
+        c.loss.centering = "sinkhorn_knopp"
+        c.heads.separate_ibot_head = True
+        c.batch_size = 8
+        c.optim.update(
+            lr_scaling="sqrt_wrt_1024",
+            base_lr=2e-2,
+            layerwise_decay=0.75,
+            epoch_length=1,
+            epochs=10,
+            freeze_last_layer_epochs=1,
+            momentum_teacher=0.9,
+        )
+    elif recipe == "dino_v1":
+        c.model.arch = "dino_vits16"
+        c.model.overrides.layerscale_init = None
+        c.loss.update(
+            family="dino", teacher_temp_per="epoch", teacher_temp=0.07, warmup_teacher_temp_epochs=3
+        )
+        c.heads.norm_last_layer = True
+        c.optim.update(
+            param_groups="dino",
+            clip_mode="per_tensor",
+            freeze_mode="skip",
+            lr_scaling="linear_wrt_256",
+            base_lr=5e-2,
+            epoch_length=1,
+            epochs=6,
+            freeze_last_layer_epochs=1,
+            momentum_teacher=0.9,
+        )
+    elif recipe != "centering_shared":
+        raise ValueError(recipe)
+    return c
+
+
+def _randomize(tree: dict, rs: np.random.RandomState, name: str = "") -> dict:
+    """Random values of a sensible scale for every parameter (none left at an init constant)."""
+    out = {}
+    for k, v in tree.items():
+        path = f"{name}.{k}" if name else str(k)
+        if isinstance(v, dict):
+            out[k] = _randomize(v, rs, path)
+            continue
+        shape = np.shape(v)
+        r = rs.randn(*shape)
+        if path.endswith("gamma"):
+            x = 0.2 + 0.8 * rs.rand(*shape)
+        elif "norm" in path and path.endswith("scale"):
+            x = 1.0 + 0.2 * r
+        elif path.endswith("bias"):
+            x = 0.05 * r
+        elif path.endswith("weight_g"):
+            x = 0.5 + rs.rand(*shape)
+        elif path.split(".")[-1] in ("cls_token", "pos_embed", "mask_token"):
+            x = 0.5 * r
+        elif path.endswith("patch_embed.proj.kernel"):
+            x = r / np.sqrt(np.prod(shape[:-1]))
+        else:  # dense kernels (.., in, out) and weight_v (bottleneck, K)
+            x = r / np.sqrt(shape[-2])
+        out[k] = x.astype(np.float32)
+    return out
+
+
+def random_student(state: dict, seed: int = 0) -> dict:
+    return _randomize(jax.device_get(state["student"]), np.random.RandomState(seed))
+
+
+def with_params(state: dict, shardings: dict, params: dict, *, v1_norm_last_layer=False) -> dict:
+    if v1_norm_last_layer:  # v1 norm_last_layer: weight_g is frozen at 1
+        params["dino_head"]["last_layer"]["weight_g"][:] = 1.0
+    put = lambda t, s: jax.tree.map(lambda x, sh: jax.device_put(x, sh), t, s)  # noqa: E731
+    return {
+        **state,
+        "student": put(params, shardings["student"]),
+        "teacher": put(params, shardings["teacher"]),
+    }
+
+
+def make_batch(c, seed: int, *, pad_to: int = 1) -> dict[str, np.ndarray]:
+    rs = np.random.RandomState(100 + seed)
+    b, nl = c.batch_size, c.data.local_crops_number
+    S, s = c.data.global_crops_size, c.data.local_crops_size
+    n_tok = (S // c.model.overrides.patch_size) ** 2
+    masks = np.zeros((2 * b, n_tok), bool)
+    masked_rows = rs.permutation(2 * b)[:b]  # half of the global crops masked, like the collate
+    for i in masked_rows:
+        masks[i, rs.choice(n_tok, size=rs.randint(1, n_tok // 2 + 1), replace=False)] = True
+    upper = b * n_tok // 2 + 3
+    coll = collate_masks(masks, upper, pad_to_multiple=pad_to)
+    n_masked = np.zeros((pad_to,), np.int32)
+    n_masked[0] = coll["n_masked"][0]
+    return {
+        "global_crops": rs.randn(2 * b, S, S, 3).astype(np.float32),
+        "local_crops": rs.randn(nl * b, s, s, 3).astype(np.float32),
+        "masks": coll["masks"],
+        "mask_indices": coll["mask_indices"],
+        "masks_weight": coll["masks_weight"],
+        "n_masked": n_masked,
+    }
+
+
+def device_batch(batch: dict, mesh, rules) -> dict:
+    sh = batch_sharding(mesh, rules)
+    return {k: jax.device_put(v, sh) for k, v in batch.items()}
+
+
+def rel_err(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+
+
+def torch_flat(modules: torch.nn.ModuleDict) -> dict[str, np.ndarray]:
+    return {
+        f"{k}.{n}": v.detach().numpy().copy()
+        for k, m in modules.items()
+        for n, v in m.state_dict().items()
+    }
+
+
+def ours_flat(params: dict, family: str) -> dict[str, np.ndarray]:
+    params = jax.device_get(params)
+    out = {f"backbone.{k}": v for k, v in to_official(params["backbone"]).items()}
+    for name in ("dino_head", "ibot_head"):
+        if name in params:
+            out.update({f"{name}.{k}": v for k, v in dino_head_to_torch(params[name]).items()})
+    return out
+
+
+def max_weight_diff(ours: dict, theirs: dict) -> tuple[float, str]:
+    worst, where = 0.0, ""
+    for k, v in ours.items():
+        d = float(np.max(np.abs(np.asarray(v, np.float64) - theirs[k].reshape(v.shape))))
+        if d > worst:
+            worst, where = d, k
+    return worst, where
+
+
+def single_device_mesh():
+    return make_mesh((1, 1), devices=jax.devices()[:1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-step parity against the official iteration
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("recipe", ["centering_shared", "sinkhorn_separate"])
+def test_two_steps_match_official(recipe, torch_process_group):
+    c = tiny_config(recipe)
+    mesh = single_device_mesh()
+    state, shardings = create_train_state(c, mesh)
+    params = random_student(state, seed=1)
+    state = with_params(state, shardings, params)
+    vit = vit_config(c)
+    official = OfficialV2Step(c, to_torch_modules(params, c, vit), to_torch_modules(params, c, vit))
+    step = make_train_step(c, mesh, shardings)
+    for it in range(2):
+        batch = make_batch(c, seed=it)
+        with jax.default_matmul_precision("highest"):
+            state, metrics = step(state, device_batch(batch, mesh, c.mesh.rules))
+        ref = official(it, batch)
+        metrics = jax.device_get(metrics)
+        assert bool(metrics["finite"])
+        for k in LOSS_KEYS:
+            assert rel_err(metrics[k], ref[k]) <= LOSS_TOL, (it, k, metrics[k], ref[k])
+        for k in SCHEDULE_KEYS:
+            assert abs(float(metrics[k]) - ref[k]) <= 1e-6 * abs(ref[k]), (it, k)
+        for k in official.student:
+            got, want = metrics[f"grad_norm_{k}"], ref[f"grad_norm_{k}"]
+            assert rel_err(got, want) <= LOSS_TOL, (it, k, got, want)
+    assert int(state["step"]) == 2
+    if recipe == "sinkhorn_separate":
+        # the last layer was frozen (lr 0) at step 0 only: it moved exactly once
+        assert float(ref["last_layer_lr"]) > 0
+    for which, mods in (("student", official.student), ("teacher", official.teacher)):
+        diff, where = max_weight_diff(ours_flat(state[which], "dinov2"), torch_flat(mods))
+        assert diff <= WEIGHT_TOL, (which, where, diff)
+    # the weights really moved (a step that changed nothing would pass the comparison above)
+    moved = max_weight_diff(ours_flat(state["student"], "dinov2"), ours_flat(params, "dinov2"))
+    assert moved[0] > 100 * WEIGHT_TOL
+
+
+def test_v1_recipe_matches_official_with_skip_freeze():
+    c = tiny_config("dino_v1")
+    mesh = single_device_mesh()
+    state, shardings = create_train_state(c, mesh)
+    assert "ibot_center" not in state
+    params = random_student(state, seed=2)
+    state = with_params(state, shardings, params, v1_norm_last_layer=True)
+    vit = vit_config(c)
+    official = OfficialV1Step(c, to_torch_modules(params, c, vit), to_torch_modules(params, c, vit))
+    step = make_train_step(c, mesh, shardings)
+    ll = lambda s, k: np.asarray(s["opt_state"][k]["dino_head"]["last_layer"]["weight_v"])  # noqa: E731
+    for it in range(2):
+        batch = make_batch(c, seed=it)
+        before = jax.device_get(state)
+        with jax.default_matmul_precision("highest"):
+            state, metrics = step(state, device_batch(batch, mesh, c.mesh.rules))
+        ref = official(it, batch)
+        metrics = jax.device_get(metrics)
+        assert rel_err(metrics["loss"], ref["loss"]) <= LOSS_TOL, (it, metrics["loss"], ref["loss"])
+        for k in ("lr", "wd", "momentum", "teacher_temp"):
+            assert abs(float(metrics[k]) - ref[k]) <= 1e-6 * abs(ref[k]), (it, k)
+        after = jax.device_get(state)
+        wv = lambda s: s["student"]["dino_head"]["last_layer"]["weight_v"]  # noqa: E731
+        if it == 0:  # frozen epoch: last layer untouched, its optimizer state too (count 0)
+            np.testing.assert_array_equal(wv(after), wv(before))
+            for k in ("mu", "nu", "count"):
+                np.testing.assert_array_equal(ll(after, k), ll(before, k))
+            assert int(after["opt_state"]["count"]["dino_head"]["last_layer"]["weight_v"]) == 0
+            assert int(after["opt_state"]["count"]["backbone"]["cls_token"]) == 1
+        else:  # first real update of the last layer: its own Adam step count is 1
+            assert int(after["opt_state"]["count"]["dino_head"]["last_layer"]["weight_v"]) == 1
+            assert not np.array_equal(wv(after), wv(before))
+        # norm_last_layer: weight_g stays exactly 1 in student and teacher
+        for which in ("student", "teacher"):
+            g = after[which]["dino_head"]["last_layer"]["weight_g"]
+            np.testing.assert_array_equal(g, np.ones_like(g))
+    for which, mods in (("student", official.student), ("teacher", official.teacher)):
+        theirs = torch_flat(mods)
+        diff, where = max_weight_diff(ours_flat(state[which], "dino"), theirs)
+        assert diff <= WEIGHT_TOL, (which, where, diff)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded == single device; one compilation; large parameters sharded
+# ---------------------------------------------------------------------------------------------
+
+SHARDING_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("hidden", "fsdp"),
+    ("prototypes", "fsdp"),
+)
+
+
+def test_sharded_step_equals_single_device_and_compiles_once():
+    c = tiny_config("centering_shared")
+    c.loss.n_shards = 2  # per-"GPU" groups of KoLeo / iBOT center fixed, independent of the mesh
+    c.mesh.rules = SHARDING_RULES
+    results = {}
+    for shape in ((1, 1), (2, 4)):
+        mesh = make_mesh(shape, devices=jax.devices()[: int(np.prod(shape))])
+        state, shardings = create_train_state(c, mesh)
+        state = with_params(state, shardings, random_student(state, seed=3))
+        if shape == (2, 4):
+            # every parameter of >= 4096 elements is split over the fsdp axis
+            assert_sharded(state["student"], min_size=4096)
+            assert_sharded(state["opt_state"]["mu"], min_size=4096)
+            spec = state["student"]["backbone"]["blocks"]["attn"]["qkv"]["kernel"].sharding.spec
+            assert spec == P(None, "fsdp")
+        step = make_train_step(c, mesh, shardings)
+        losses = []
+        for it in range(3):
+            batch = device_batch(make_batch(c, seed=it, pad_to=8), mesh, c.mesh.rules)
+            with jax.default_matmul_precision("highest"):
+                state, metrics = step(state, batch)
+            losses.append(jax.device_get(metrics))
+        assert step.jitted._cache_size() == 1  # compiled once over 3 steps
+        same = jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim), state, shardings)
+        assert all(jax.tree.leaves(same))
+        results[shape] = (losses, jax.device_get(state))
+    (l1, s1), (l8, s8) = results[(1, 1)], results[(2, 4)]
+    for it in range(3):
+        for k in LOSS_KEYS:
+            assert rel_err(l8[it][k], l1[it][k]) <= 1e-5, (it, k, l8[it][k], l1[it][k])
+    for which in ("student", "teacher"):
+        diff, where = max_weight_diff(
+            ours_flat(s8[which], "dinov2"), ours_flat(s1[which], "dinov2")
+        )
+        assert diff <= WEIGHT_TOL, (which, where, diff)
+
+
+# ---------------------------------------------------------------------------------------------
+# Smaller contracts
+# ---------------------------------------------------------------------------------------------
+
+
+def test_teacher_is_a_copy_and_eval_helpers():
+    c = tiny_config("centering_shared")
+    mesh = single_device_mesh()
+    state, _ = create_train_state(c, mesh)
+    s_leaves = jax.tree.leaves(state["student"])
+    t_leaves = jax.tree.leaves(state["teacher"])
+    for a, b in zip(s_leaves, t_leaves):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert a.unsafe_buffer_pointer() != b.unsafe_buffer_pointer()
+    x = jnp.zeros((2, 32, 32, 3), jnp.float32)
+    assert teacher_backbone(state, c)(x).shape == (2, 64)
+    assert student_backbone(state, c)(x).shape == (2, 64)
+
+
+def test_flops_per_step_counts_the_recipe():
+    c = base_config()
+    f = flops_per_step(c)
+    # ViT-L/16 at 224: ~61.6 GFLOPs per image forward (24 N D^2 + 4 N^2 D over 24 blocks, N=197).
+    n, d = 197, 1024
+    vit_fwd = 24 * (24 * n * d * d + 4 * n * n * d)
+    assert 2048 * 2 * vit_fwd * 4 < f < 2048 * (2 * 4 + 8 * 1) * vit_fwd  # teacher + 3x student
+    c2 = base_config()
+    c2.batch_size = 1024
+    assert abs(flops_per_step(c2) / f - 0.5) < 0.01
+
+
+def test_bad_config_raises_clear_errors():
+    c = tiny_config("centering_shared")
+    c.loss.centering = "nope"
+    with pytest.raises(ValueError, match="loss.centering"):
+        create_train_state(c, single_device_mesh())
+    c = tiny_config("centering_shared")
+    c.optim.clip_mode = "nope"
+    with pytest.raises(ValueError, match="clip_mode"):
+        create_train_state(c, single_device_mesh())
