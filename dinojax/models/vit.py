@@ -304,26 +304,30 @@ def run_blocks(blocks: dict, x: Array, cfg: ViTConfig, start: int, stop: int, *,
     train = key is not None and max(rates) > 0.0
     sl = jax.tree.map(lambda a: a[start:stop], blocks)
 
-    def body(h, inputs):
-        p, rate, k = inputs
-        return block_forward(p, h, cfg, rate=rate, key=k), None
+    def make_body(rate: float):
+        # The rate is closed over, not passed: it must stay a static Python float (it picks
+        # batch-subset vs per-sample drop path, and sets the subset size). As an argument of
+        # `jax.checkpoint` it would become a tracer and silently select the per-sample path.
+        def body(h, p, k):
+            return block_forward(p, h, cfg, rate=rate, key=k)
 
-    if cfg.remat_policy != "none":
-        body = jax.checkpoint(body, policy=_REMAT[cfg.remat_policy], prevent_cse=False)
+        if cfg.remat_policy != "none":
+            body = jax.checkpoint(body, policy=_REMAT[cfg.remat_policy], prevent_cse=False)
+        return body
+
     keys = jax.random.split(key, cfg.depth)[start:stop] if train else None
     uniform = len(set(rates)) == 1
     if cfg.scan_layers and (uniform or not train):
-        rate = rates[0] if train else 0.0
-        # A uniform rate stays a static Python float (batch-subset sizes are static shapes).
-        step = lambda h, pk: body(h, (pk[0], rate, pk[1]))  # noqa: E731
         if train:
-            x, _ = jax.lax.scan(step, x, (sl, keys))
+            body = make_body(rates[0])
+            x, _ = jax.lax.scan(lambda h, pk: (body(h, pk[0], pk[1]), None), x, (sl, keys))
         else:
-            x, _ = jax.lax.scan(lambda h, p: body(h, (p, 0.0, None)), x, sl)
+            body = make_body(0.0)
+            x, _ = jax.lax.scan(lambda h, p: (body(h, p, None), None), x, sl)
         return x
     for i in range(stop - start):
         p_i = jax.tree.map(lambda a, i=i: a[i], sl)
-        x, _ = body(x, (p_i, rates[i] if train else 0.0, keys[i] if train else None))
+        x = make_body(rates[i] if train else 0.0)(x, p_i, keys[i] if train else None)
     return x
 
 
