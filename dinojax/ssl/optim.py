@@ -78,13 +78,19 @@ class Cosine:
             )
         else:
             warm = jnp.full((), self.start_warmup, f32)
-        # Cosine: final + 0.5 (base - final)(1 + cos(pi i / n)) = final + (base - final) *
-        # sin^2(pi (n - i) / (2n)); the sine form keeps full float32 relative precision at the end
-        # of the schedule, where 1 + cos(.) cancels (the lr ends at min_lr = base / 4000).
+        # Cosine: final + 0.5 (base - final)(1 + cos(pi i / n)). Written as base + (final - base)
+        # sin^2(pi i / 2n) in the first half and final + (base - final) sin^2(pi (n - i) / 2n) in
+        # the second, so each half adds a term at most half the range to its own endpoint: full
+        # float32 relative precision everywhere (1 + cos(.) cancels at the end of the lr schedule,
+        # which ends at base / 4000, and a rising wd schedule would cancel at its start).
         if n_cos > 0:
             i_c = it - self.freeze - self.warmup
-            s = jnp.sin(f32(math.pi / 2) * ((n_cos - i_c).astype(f32) / f32(n_cos)))
-            cos = f32(self.final) + f32(self.base - self.final) * s * s
+            half = f32(math.pi / 2)
+            s_a = jnp.sin(half * (i_c.astype(f32) / f32(n_cos)))
+            s_b = jnp.sin(half * ((n_cos - i_c).astype(f32) / f32(n_cos)))
+            first = f32(self.base) + f32(self.final - self.base) * s_a * s_a
+            second = f32(self.final) + f32(self.base - self.final) * s_b * s_b
+            cos = jnp.where(2 * i_c < n_cos, first, second)
         else:
             cos = jnp.full((), self.final, f32)
         value = jnp.where(i_w < self.warmup, warm, cos)
