@@ -136,6 +136,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.knn_batch_size = 256
     c.train.knn_image_size = 224  # eval transform: resize 256/224 * size, center crop `size`
     c.train.peak_flops = ml_collections.config_dict.placeholder(float)  # per device; None: guess
+    # JAX persistent compilation cache: a restarted run loads its compiled step from here.
+    c.train.compilation_cache_dir = ml_collections.config_dict.placeholder(str)
+    c.train.knn_at_start = False  # teacher kNN before the first step too
+    c.train.knn_at_end = False  # and after the last
+    c.train.progress = True  # tqdm bar on process 0
     return c
 
 

@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,10 +141,12 @@ def train(
     *,
     record_history: bool = False,
     on_step: Callable[[int], None] | None = None,
+    devices: Sequence[jax.Device] | None = None,
 ) -> TrainResult:
     """Train (or resume training) `config` in `workdir`. See the module docstring.
 
-    `on_step(n)` is called after step `n` is dispatched (tests use it to interrupt a run).
+    `on_step(n)` is called after step `n` is dispatched (tests use it to interrupt a run);
+    `devices` restricts the mesh to those devices (default: all).
     Raises `TrainingDiverged` on a non-finite step with nan_policy="stop".
     """
     from dinojax.sharding import assert_sharded, batch_axes, make_mesh
@@ -158,7 +160,10 @@ def train(
     total = _total_steps(config)
     end = min(total, int(t.max_steps)) if t.max_steps is not None else total
 
-    mesh = make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axes))
+    if t.get("compilation_cache_dir", None):
+        # Restarts (preemption, resume) then load the compiled step instead of recompiling.
+        jax.config.update("jax_compilation_cache_dir", str(t.compilation_cache_dir))
+    mesh = make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axes), devices)
     rules = tuple(tuple(r) for r in config.mesh.rules)
     state, shardings = ssl_step.create_train_state(config, mesh)
     if mesh.devices.size > 1 and "fsdp" in mesh.shape and mesh.shape["fsdp"] > 1:
@@ -203,7 +208,7 @@ def train(
     if hasattr(ssl_step, "flops_per_step"):
         flops = float(ssl_step.flops_per_step(config))
     peak = t.peak_flops or peak_flops_per_device(jax.devices()[0].device_kind)
-    meter = Throughput(config.batch_size, flops, jax.device_count(), peak)
+    meter = Throughput(config.batch_size, flops, mesh.devices.size, peak)
 
     knn = _Knn(config, mesh)
     knn_results: dict[int, dict[str, float]] = {}

@@ -1,0 +1,181 @@
+"""The training loop on 8 simulated CPU devices: mesh independence, one compilation, exact resume
+after SIGTERM and after a crash, a checkpoint written on (2, 4) continuing on (8, 1), NaN
+handling (stop and skip)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from train_configs import tiny_config
+
+from dinojax.data.pipeline import DinoDataIterator
+from dinojax.train.checkpoint import Checkpointer
+from dinojax.train.trainer import TrainingDiverged, train
+
+LOSS_KEYS = ("loss", "dino_global_loss", "dino_local_loss", "ibot_loss", "koleo_loss")
+
+
+def losses(result, keys=LOSS_KEYS) -> dict[int, tuple[float, ...]]:
+    return {int(m["iteration"]): tuple(m[k] for k in keys) for m in result.history}
+
+
+class _CompileCounter(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if msg.startswith("Compiling "):
+            self.names.append(msg.split()[1])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """A persistent compilation cache for this module: runs of the same program (resumes) load
+    the compiled step instead of recompiling (what `train.compilation_cache_dir` does for users).
+    Reset afterwards so other tests see JAX's default."""
+    from jax._src import compilation_cache as cc
+
+    saved = {
+        k: getattr(jax.config, k)
+        for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                  "jax_persistent_cache_min_entry_size_bytes")
+    }  # fmt: skip
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    cc.reset_cache()
+    yield
+    for k, v in saved.items():
+        jax.config.update(k, v)
+    cc.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """8 uninterrupted steps on a (2, 4) mesh, compilations counted."""
+    workdir = tmp_path_factory.mktemp("reference")
+    counter = _CompileCounter()
+    logger = logging.getLogger("jax")
+    logger.addHandler(counter)
+    jax.config.update("jax_log_compiles", True)
+    try:
+        result = train(tiny_config(), workdir, record_history=True)
+    finally:
+        jax.config.update("jax_log_compiles", False)
+        logger.removeHandler(counter)
+    return result, workdir, counter.names
+
+
+def test_reference_run(reference):
+    result, workdir, compiled = reference
+    assert result.status == "done" and result.step == 8
+    assert sorted(losses(result)) == list(range(8))
+    assert all(m["finite"] == 1.0 for m in result.history)
+    # ONE compilation of the training step for the whole run.
+    assert compiled.count("jit(step_fn)") == 1, compiled
+    ckpt = Checkpointer(workdir / "checkpoints", save_every=4)
+    assert ckpt.all_steps() == [4, 8]
+    ckpt.close()
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    assert any('"kind": "compile"' in line for line in lines)
+    assert sum('"kind": "train"' in line for line in lines) == 8
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tensorboard"))
+
+
+def test_one_device_equals_2x4_mesh(reference, tmp_path):
+    """The same 3 steps on a single device give the (2, 4) mesh's losses (float32 reductions in
+    another order: agreement to a few ulps of the loss, not bit equality)."""
+    config = tiny_config(max_steps=3)
+    config.mesh.shape = (1, 1)
+    single = train(config, tmp_path, record_history=True, devices=jax.devices()[:1])
+    ref = losses(reference[0])
+    for it, vals in losses(single).items():
+        np.testing.assert_allclose(vals, ref[it], rtol=2e-5, atol=2e-6, err_msg=f"step {it}")
+
+
+def test_kill_sigterm_resume_exact_then_another_mesh(reference, tmp_path):
+    """A crash at step 6 leaves checkpoint 4; resuming from it and stopping by SIGTERM at step 6
+    writes checkpoint 6; both runs reproduce the uninterrupted losses bit for bit. Checkpoint 6,
+    written on the (2, 4) mesh, then continues on (8, 1) with the reference losses (to float32
+    reduction-order tolerance)."""
+    ref = losses(reference[0])
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash_at_6(n):
+        if n == 6:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(tiny_config(), tmp_path, on_step=crash_at_6)
+    ckpt = Checkpointer(tmp_path / "checkpoints", save_every=4)
+    assert ckpt.all_steps() == [4]  # the periodic checkpoint; nothing of the crashed steps
+    ckpt.close()
+
+    def sigterm_at_6(n):
+        if n == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    resumed = train(tiny_config(), tmp_path, record_history=True, on_step=sigterm_at_6)
+    assert resumed.status == "preempted" and resumed.step == 6
+    ckpt = Checkpointer(tmp_path / "checkpoints", save_every=4)
+    assert ckpt.all_steps() == [4, 6]
+    ckpt.close()
+    got = losses(resumed)
+    assert sorted(got) == [4, 5]
+    for it, vals in got.items():
+        assert vals == ref[it], f"step {it}: {vals} != {ref[it]}"
+
+    config = tiny_config()
+    config.mesh.shape = (8, 1)
+    moved = train(config, tmp_path, record_history=True)
+    assert moved.status == "done" and moved.step == 8
+    got = losses(moved)
+    assert sorted(got) == [6, 7]
+    for it, vals in got.items():
+        np.testing.assert_allclose(vals, ref[it], rtol=2e-5, atol=2e-6, err_msg=f"step {it}")
+
+
+def _poison_batch(monkeypatch, bad_step: int) -> None:
+    """The global crops of batch `bad_step` become NaN (a corrupt batch)."""
+    original = DinoDataIterator.__next__
+
+    def poisoned(self):
+        step = self.step
+        batch = original(self)
+        if step == bad_step:
+            batch = dict(batch, global_crops=batch["global_crops"] * jnp.nan)
+        return batch
+
+    monkeypatch.setattr(DinoDataIterator, "__next__", poisoned)
+
+
+def test_nan_stop_names_step_and_last_good_checkpoint(monkeypatch, tmp_path):
+    _poison_batch(monkeypatch, bad_step=2)
+    with pytest.raises(TrainingDiverged, match=r"at step 2 .*last good checkpoint is step 2"):
+        train(tiny_config(checkpoint_every=2, nan_policy="stop"), tmp_path)
+    ckpt = Checkpointer(tmp_path / "checkpoints", save_every=2)
+    assert ckpt.all_steps() == [2]  # nothing of the poisoned state was written
+    ckpt.close()
+
+
+def test_nan_skip_leaves_the_state_and_goes_on(monkeypatch, tmp_path):
+    _poison_batch(monkeypatch, bad_step=2)
+    result = train(
+        tiny_config(checkpoint_every=2, nan_policy="skip", max_steps=4), tmp_path,
+        record_history=True,
+    )  # fmt: skip
+    assert result.status == "max_steps" and result.step == 4
+    assert result.skipped_steps == [2]
+    finite = [m["finite"] for m in result.history]
+    assert finite == [1.0, 1.0, 0.0, 1.0]
+    assert np.isfinite(result.history[3]["loss"])
