@@ -286,9 +286,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
     def run():
+        # Bad data fails before the model is loaded and compiled.
+        train = resolve_source(args.train, args.data_dir, "train set")
+        test = resolve_source(args.test, args.data_dir, "test set")
         model = cli.load_model(args)
         res = knn_eval(
-            model, args.train, args.test, batch_size=args.batch_size, image_size=args.image_size,
+            model, train, test, batch_size=args.batch_size, image_size=args.image_size,
             resize_size=args.resize_size, max_train=args.max_train, max_test=args.max_test,
             ks=args.ks, temperature=args.temperature, seed=args.seed,
             progress=not args.no_progress, data_dir=args.data_dir,

@@ -172,6 +172,12 @@ def init_probe_params(
     key: jax.Array, specs: Sequence[tuple[int, bool]], n_lrs: int, dim: int, num_classes: int
 ) -> dict[str, dict[str, jax.Array]]:
     """{spec: {"w": (n_lrs, in, C) ~ N(0, 0.01), "b": zeros (n_lrs, C)}} (official init)."""
+    specs = tuple((int(n), bool(a)) for n, a in specs)
+    return _init_probe_params(key, specs, int(n_lrs), int(dim), int(num_classes))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _init_probe_params(key, specs, n_lrs, dim, num_classes):
     params = {}
     for i, (n, avg) in enumerate(specs):
         d_in = dim * (n + int(avg))
@@ -471,12 +477,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
     def run():
-        model = cli.load_model(args)
+        # Bad input fails before the model is loaded and compiled.
         progress = not args.no_progress
+        test = resolve_source(args.test, args.data_dir, "test set")
         if args.head:
             head = load_linear_head(args.head)
+            model = cli.load_model(args)
             res = evaluate_linear_head(
-                model, head, args.test, batch_size=args.batch_size, image_size=args.image_size,
+                model, head, test, batch_size=args.batch_size, image_size=args.image_size,
                 resize_size=args.resize_size, max_items=args.max_test, progress=progress,
                 data_dir=args.data_dir,
             )  # fmt: skip
@@ -486,9 +494,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if not args.train:
             raise ValueError("give --train (probe training) or --head (evaluate a head)")
+        train = resolve_source(args.train, args.data_dir, "train set")
         avgpool = {"both": (False, True), "yes": (True,), "no": (False,)}[args.avgpool]
+        model = cli.load_model(args)
         res = linear_eval(
-            model, args.train, args.test, batch_size=args.batch_size, image_size=args.image_size,
+            model, train, test, batch_size=args.batch_size, image_size=args.image_size,
             resize_size=args.resize_size, max_train=args.max_train, max_test=args.max_test,
             progress=progress, data_dir=args.data_dir, n_blocks=args.n_blocks, avgpool=avgpool,
             learning_rates=args.lrs, epochs=args.epochs, train_batch_size=args.train_batch_size,

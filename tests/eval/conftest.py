@@ -88,9 +88,45 @@ def torch_process_group():
     dist.destroy_process_group()
 
 
+def _random_model(name: str, seed: int = 0, **overrides):
+    """A random-weight backbone built from numpy values (eager `create_model` initialisation
+    takes seconds per model on a busy CPU; this takes milliseconds). Norm scales and LayerScale
+    around 1, everything else N(0, 0.1^2)."""
+    import jax
+    import numpy as np
+
+    from dinojax.eval.features import model_from_params
+    from dinojax.models import get_config
+    from dinojax.models.vit import abstract_params
+
+    cfg = get_config(name, **overrides)
+    rng = np.random.default_rng(seed)
+
+    def value(path, a):
+        names = "/".join(str(getattr(k, "key", k)) for k in path)
+        base = 1.0 if names.endswith(("scale", "gamma")) else 0.0
+        return (base + 0.1 * rng.normal(size=a.shape)).astype(a.dtype)
+
+    return model_from_params(cfg, jax.tree_util.tree_map_with_path(value, abstract_params(cfg)))
+
+
+@pytest.fixture(scope="session")
+def random_model():
+    return _random_model
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     """A 2-block random DINOv2 ViT (patch 14, width 64) with a 4x4 pos-embed grid."""
-    from dinojax.models import create_model
+    return _random_model("dinov2_vits14", seed=1, depth=2, embed_dim=64, num_heads=2, img_size=56)
 
-    return create_model("dinov2_vits14", depth=2, embed_dim=64, num_heads=2, img_size=56, seed=1)
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A dinojax checkpoint directory of a 1-block width-32 model (for the command lines)."""
+    from dinojax.convert.checkpoint import save_model
+
+    model = _random_model("dinov2_vits14", seed=2, depth=1, embed_dim=32, num_heads=1, img_size=28)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_model(path, model)
+    return str(path)

@@ -69,7 +69,7 @@ def test_eval_transform_pipeline():
 
 def _direct(model, images: np.ndarray) -> np.ndarray:
     with jax.default_matmul_precision("highest"):
-        return np.asarray(model(jnp.asarray(images)))
+        return np.asarray(jax.jit(lambda m, x: m(x))(model, jnp.asarray(images)))
 
 
 def test_padding_order_and_subset(tiny_model):
@@ -104,8 +104,12 @@ def test_tokens_and_layers(tiny_model):
         )  # fmt: skip
         x = jnp.asarray(np.stack([t(Image.fromarray(a).convert("RGB"))
                                   for a in DigitsSource("test").images[:5]]))  # fmt: skip
-        ff = tiny_model.forward_features(x)
-        layers = tiny_model.get_intermediate_layers(x, 2, reshape=True, return_class_token=True)
+        ff, layers = jax.jit(
+            lambda m, x: (
+                m.forward_features(x),
+                m.get_intermediate_layers(x, 2, reshape=True, return_class_token=True),
+            )
+        )(tiny_model, x)
     assert out["patch"].shape == (5, 3, 4, 64) and out["layers_patch"].shape == (5, 2, 3, 4, 64)
     np.testing.assert_allclose(out["cls"], ff["x_norm_clstoken"], atol=1e-5)
     np.testing.assert_allclose(out["patch"].reshape(5, 12, 64), ff["x_norm_patchtokens"], atol=1e-5)

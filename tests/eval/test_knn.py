@@ -153,7 +153,9 @@ def test_cli_not_a_checkpoint(tmp_path, capsys):
         (tmp_path / "junk.pth", "not a readable PyTorch checkpoint"),
     ]
     for ckpt, message in cases:
-        rc = knn.main(["--checkpoint", str(ckpt), "--train", "digits:train", "--test", "x"])
+        rc = knn.main(
+            ["--checkpoint", str(ckpt), "--train", "digits:train", "--test", "digits:test"]
+        )
         err = capsys.readouterr().err
         assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
 

@@ -144,10 +144,8 @@ def test_linear_eval_digits_and_saved_head(tiny_model, tmp_path):
     assert acc["top1"] == pytest.approx(res["heads"][name]["top1"])
 
 
-def test_cli_and_errors(tmp_path, capsys):
-    common = ["--arch", "dinov2_vits14", "--random", "--override", "depth=1", "--override",
-              "embed_dim=32", "--override", "num_heads=1", "--override", "img_size=28",
-              "--image-size", "28", "--no-progress"]  # fmt: skip
+def test_cli_and_errors(tmp_path, capsys, tiny_checkpoint):
+    common = ["--checkpoint", tiny_checkpoint, "--image-size", "28", "--no-progress"]
     out = tmp_path / "r.json"
     rc = linear.main([
         *common, "--train", "digits:train", "--test", "digits:test", "--max-train", "128",
