@@ -179,3 +179,42 @@ def test_nan_skip_leaves_the_state_and_goes_on(monkeypatch, tmp_path):
     finite = [m["finite"] for m in result.history]
     assert finite == [1.0, 1.0, 0.0, 1.0]
     assert np.isfinite(result.history[3]["loss"])
+
+
+def test_export_loads_in_official_pytorch(reference, tmp_path):
+    """The trained teacher exported as a DINOv2 teacher_checkpoint.pth loads strictly into the
+    official PyTorch backbone and head, and computes what the JAX teacher computes."""
+    import torch
+    from reference import official_dino_head, official_vit
+
+    import dinojax
+    from dinojax.train.export import export_checkpoint
+
+    _, workdir, _ = reference
+    export_checkpoint(workdir, tmp_path / "teacher_dir")
+    export_checkpoint(workdir, tmp_path / "teacher.pth", fmt="teacher")
+    model, heads = dinojax.load(tmp_path / "teacher_dir", heads=True)
+    ckpt = Checkpointer(workdir / "checkpoints", save_every=4)
+    teacher = ckpt.restore_numpy(8, ("teacher",))
+    ckpt.close()
+    jax.tree.map(np.testing.assert_array_equal, model.params(), teacher["backbone"])
+
+    sd = torch.load(tmp_path / "teacher.pth", weights_only=True)["teacher"]
+    vit = official_vit(model.cfg)
+    vit.load_state_dict({k[9:]: v for k, v in sd.items() if k.startswith("backbone.")})
+    h = heads["dino_head"]
+    head = official_dino_head(
+        in_dim=model.cfg.embed_dim, out_dim=h.out_dim, hidden_dim=h.hidden_dim,
+        bottleneck_dim=h.bottleneck_dim, nlayers=h.nlayers,
+    )  # fmt: skip
+    head.load_state_dict({k[10:]: v for k, v in sd.items() if k.startswith("dino_head.")})
+
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    with torch.no_grad():
+        cls_t = vit.forward_features(torch.from_numpy(x).permute(0, 3, 1, 2))["x_norm_clstoken"]
+        logits_t = head(cls_t).numpy()
+    with jax.default_matmul_precision("highest"):
+        cls = model(jnp.asarray(x))
+        logits = np.asarray(h(cls))
+    np.testing.assert_allclose(np.asarray(cls), cls_t.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logits, logits_t, rtol=1e-4, atol=1e-5)
