@@ -137,12 +137,12 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def _place_state(state, mesh: Mesh):
     """Replicate the parameters on `mesh`, keeping leaves already laid out over its devices
     (e.g. the trainer's FSDP-sharded teacher)."""
-    devices = set(mesh.devices.flat)
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def place(a):
-        if isinstance(a, jax.Array) and a.sharding.device_set == devices and len(devices) > 1:
-            return a
+        sharding = getattr(a, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+            return a  # already laid out on this mesh: no copy
         return jax.device_put(a, replicated)
 
     return jax.tree.map(place, state)

@@ -158,3 +158,26 @@ def test_model_from_params(tiny_model):
     m = F.model_from_params(tiny_model.cfg, tiny_model.params())
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 56, 56, 3)), jnp.float32)
     np.testing.assert_array_equal(np.asarray(m(x)), np.asarray(tiny_model(x)))
+
+
+def test_params_sharded_on_another_mesh(tiny_model):
+    """The trainer's teacher: parameters FSDP-sharded on a (data, fsdp) mesh."""
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
+
+    def shard(a):  # last axis over "fsdp" where it divides, else replicated
+        split = a.ndim and a.shape[-1] % 4 == 0
+        spec = P(*([None] * (a.ndim - 1)), "fsdp") if split else P()
+        return jax.device_put(a, NamedSharding(mesh, spec))
+
+    model = F.model_from_params(tiny_model.cfg, jax.tree.map(shard, tiny_model.params()))
+    t = EvalTransform.for_crop(56)
+    kw = dict(transform=t, batch_size=8, indices=range(10), progress=False)
+    with jax.default_matmul_precision("highest"):
+        ref, _ = F.extract_features(tiny_model, "digits:test", F.Cls(True), **kw)
+        on_mesh, _ = F.extract_features(model, "digits:test", F.Cls(True), mesh=mesh, **kw)
+        default, _ = F.extract_features(model, "digits:test", F.Cls(True), **kw)
+    np.testing.assert_allclose(on_mesh["cls"], ref["cls"], atol=1e-6)
+    np.testing.assert_allclose(default["cls"], ref["cls"], atol=1e-6)
