@@ -377,6 +377,12 @@ def build_step_fn(config, mesh: Mesh):
 
         # ---- optimizer --------------------------------------------------------------------
         groups = optim.param_groups(state["student"], config)
+        # untrainable leaves (v1 norm_last_layer weight_g) have no gradient in torch: keep them
+        # out of the norms and the clipping
+        grads = jax.tree.map(
+            lambda grp, g: g if grp.trainable else jnp.zeros_like(g),
+            groups, grads, is_leaf=lambda x: isinstance(x, optim.LeafGroup),
+        )  # fmt: skip
         norms = {sub: optim.global_norm(g) for sub, g in grads.items()}
         if setup.clip_grad > 0:
             if setup.clip_mode == "per_submodule":
@@ -436,7 +442,13 @@ def make_train_step(config, mesh: Mesh, state_shardings: Mapping):
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             return jitted(state, batch)
 
-    train_step.jitted = jitted  # for lowering / cache inspection
+    def lower(state, batch):
+        """AOT lowering in the same mesh / rules context (`.compile()` it to time compiling)."""
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jitted.lower(state, batch)
+
+    train_step.jitted = jitted  # cache inspection (`_cache_size()`)
+    train_step.lower = lower
     return train_step
 
 
