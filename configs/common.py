@@ -119,7 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
         ("layers", None),
         ("hidden", "fsdp"),
         ("bottleneck", None),
-        ("prototypes", None),
+        ("prototypes", "fsdp"),  # head last layers (bottleneck x K): sharded like FSDP
     )
 
     c.train = ml_collections.ConfigDict()
