@@ -19,7 +19,8 @@ def tiny_config(recipe: str = "dinov2", arg: str = "smoke", **train):
     c.model.overrides.img_size = 32
     # LayerScale 1e-5 (the recipes) makes every image's CLS nearly identical at init, and KoLeo's
     # -log(nearest distance) then amplifies float32 reduction-order noise between meshes.
-    c.model.overrides.layerscale_init = 1.0
+    if c.loss.family != "dino":  # v1 has no LayerScale
+        c.model.overrides.layerscale_init = 1.0
     c.data.global_crops_size = 32
     c.data.local_crops_size = 16
     c.data.read_threads = 2
