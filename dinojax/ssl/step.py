@@ -30,6 +30,16 @@ Shards. KoLeo and the iBOT center are per-GPU quantities in the official code (Â
 `config.loss.n_shards` (optional; default: the number of devices the batch is split over) says
 how many official "GPUs" the global batch stands for; fix it to make a run independent of the mesh.
 
+Batch: `global_crops` (2B, S, S, 3) and `local_crops` (n_local B, s, s, 3), crop-major, uint8
+(normalised on device) or float32; `masks` (2B, N) bool; `mask_indices` only fixes the static
+size U of the masked-token buffer, which is rebuilt from `masks` (same row-major order as the
+collate) so that multi-process batches, process-blocked, are reordered to crop-major first.
+
+Metrics (replicated scalars): `loss` and its terms as they enter it (`dino_local_loss`,
+`dino_global_loss`, `koleo_loss` (x weight), `ibot_loss` (x weight); the official logs show the
+last two halved), `grad_norm_<submodule>` (before clipping), `lr`, `last_layer_lr`, `wd`,
+`momentum`, `teacher_temp`, `n_masked` (iBOT), and `finite`.
+
 NaN / Inf. `metrics["finite"]` is False when a loss term or a gradient norm is not finite. With
 `config.train.nan_policy == "skip"` such a step leaves every state entry unchanged EXCEPT `step`,
 which still advances: the batch was consumed, and the schedules stay aligned with the data stream

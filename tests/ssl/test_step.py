@@ -333,6 +333,9 @@ def test_sharded_step_equals_single_device_and_compiles_once():
     for shape in ((1, 1), (2, 4)):
         mesh = make_mesh(shape, devices=jax.devices()[: int(np.prod(shape))])
         state, shardings = create_train_state(c, mesh)
+        # created with its final shardings (jit out_shardings), not placed afterwards
+        same = jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim), state, shardings)
+        assert all(jax.tree.leaves(same))
         state = with_params(state, shardings, random_student(state, seed=3))
         if shape == (2, 4):
             # every parameter of >= 4096 elements is split over the fsdp axis
