@@ -99,12 +99,22 @@ def hf_register_vit(cfg: ViTConfig, seed: int = 0) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def torch_outputs(model, cfg: ViTConfig, x_nchw: np.ndarray, masks: np.ndarray | None = None):
+def torch_outputs(
+    model, cfg: ViTConfig, x_nchw: np.ndarray, masks: np.ndarray | None = None, api: bool = True
+):
     """All outputs the parity suite checks, from the reference model, as numpy arrays.
 
     Keys: the forward_features dict, `inter_a` (last 2 blocks, normed, reshaped NHWC, with class
     tokens), `inter_b` (blocks [0, depth-1], not normed, flat) and `attn` (last block's
     attention probabilities).
+
+    `api=True` calls each official method (forward_features, get_intermediate_layers twice, the
+    blocks for the attention map): 4 forward passes. `api=False` runs ONE official
+    get_intermediate_layers pass returning every block's raw output and derives the rest with the
+    model's own final norm and last attention block (official-dino.md §1.5: the final norm is
+    per-token, so norm(block output) is what forward_features / norm=True return); with masks,
+    forward_features is the official masked pass (a second pass).
+    The HF register reference always needs a single call.
     """
     x = torch.from_numpy(x_nchw)
     m = None if masks is None else torch.from_numpy(masks)
@@ -124,29 +134,47 @@ def torch_outputs(model, cfg: ViTConfig, x_nchw: np.ndarray, masks: np.ndarray |
         if m is not None:  # intermediate layers and attention maps take no masks
             out = model(pixel_values=x, output_hidden_states=True, output_attentions=True)
         hs = out.hidden_states  # hs[i + 1] is the output of block i
-        norm = model.layernorm
-
-        def inter(i, normed):
-            o = norm(hs[i + 1]) if normed else hs[i + 1]
-            return o[:, 1 + r :], o[:, 0]
-
-        inter_a = [inter(i, True) for i in (depth - 2, depth - 1)]
-        inter_a = [(p.reshape(p.shape[0], h0, w0, -1), c) for p, c in inter_a]
-        inter_b = [inter(i, False)[0] for i in (0, depth - 1)]
         attn = out.attentions[-1]
+        norm = model.layernorm
     else:
         if cfg.family == "dino":
             # v1's strided conv drops the remainder pixels; the v2 blocks assert divisibility, so
             # crop: identical patches, and the pos-embed sizes come from the same h0, w0.
             x = x[:, :, : h0 * cfg.patch_size, : w0 * cfg.patch_size]
-        ff = model.forward_features(x, masks=m)
-        inter_a = model.get_intermediate_layers(x, n=2, reshape=True, return_class_token=True)
-        inter_a = [(p.permute(0, 2, 3, 1), c) for p, c in inter_a]
-        inter_b = model.get_intermediate_layers(x, n=[0, depth - 1], norm=False)
-        t = model.prepare_tokens_with_masks(x)
-        for blk in model.blocks[:-1]:
-            t = blk(t)
-        attn = _official_attention_probs(model.blocks[-1], t)
+        norm = model.norm
+        if api:
+            ff = model.forward_features(x, masks=m)
+            inter_a = model.get_intermediate_layers(x, n=2, reshape=True, return_class_token=True)
+            inter_a = [(p.permute(0, 2, 3, 1), c) for p, c in inter_a]
+            inter_b = model.get_intermediate_layers(x, n=[0, depth - 1], norm=False)
+            t = model.prepare_tokens_with_masks(x)
+            for blk in model.blocks[:-1]:
+                t = blk(t)
+            attn = _official_attention_probs(model.blocks[-1], t)
+            return _numpy(ff, inter_a, inter_b, attn)
+        raw = model.get_intermediate_layers(x, n=list(range(depth)), return_class_token=True,
+                                            norm=False)  # fmt: skip
+        hs = [None] + [torch.cat([c[:, None], p], dim=1) for p, c in raw]
+        if m is not None:  # masks change every token: the official masked pass
+            ff = model.forward_features(x, masks=m)
+        else:
+            n = norm(hs[-1])
+            ff = {"x_norm_clstoken": n[:, 0], "x_norm_patchtokens": n[:, 1:], "x_prenorm": hs[-1]}
+        attn = _official_attention_probs(model.blocks[-1], hs[depth - 1]) if depth > 1 else None
+        if attn is None:
+            attn = _official_attention_probs(model.blocks[-1], model.prepare_tokens_with_masks(x))
+
+    def inter(i, normed):
+        o = norm(hs[i + 1]) if normed else hs[i + 1]
+        return o[:, 1 + r :], o[:, 0]
+
+    inter_a = [inter(i, True) for i in (depth - 2, depth - 1)]
+    inter_a = [(p.reshape(p.shape[0], h0, w0, -1), c) for p, c in inter_a]
+    inter_b = [inter(i, False)[0] for i in (0, depth - 1)]
+    return _numpy(ff, inter_a, inter_b, attn)
+
+
+def _numpy(ff, inter_a, inter_b, attn) -> dict:
     res = {k: v.numpy() for k, v in ff.items() if isinstance(v, torch.Tensor)}
     # The PyPI code (2023-04) predates registers and has no x_norm_regtokens: empty, like HEAD.
     res.setdefault("x_norm_regtokens", res["x_norm_patchtokens"][:, :0])
