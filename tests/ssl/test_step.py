@@ -398,6 +398,40 @@ def test_teacher_is_a_copy_and_eval_helpers():
     assert student_backbone(state, c)(x).shape == (2, 64)
 
 
+def test_bfloat16_compute_with_uint8_images():
+    """The accelerator setting: bf16 activations, float32 parameters / optimizer / centers, uint8
+    crops normalised on device (pipeline with normalize=False)."""
+    c = tiny_config("centering_shared")
+    c.model.overrides.dtype = "bfloat16"
+    mesh = single_device_mesh()
+    state, shardings = create_train_state(c, mesh)
+    dtypes = jax.tree.map(lambda x: x.dtype, state)
+    teacher0 = jax.device_get(state["teacher"])
+    batch = make_batch(c, seed=0)
+    rs = np.random.RandomState(0)
+    for k in ("global_crops", "local_crops"):
+        batch[k] = rs.randint(0, 256, batch[k].shape).astype(np.uint8)
+    step = make_train_step(c, mesh, shardings)
+    for _ in range(2):
+        state, metrics = step(state, device_batch(batch, mesh, c.mesh.rules))
+        assert bool(metrics["finite"]) and 0 < float(metrics["loss"]) < 50
+    assert jax.tree.map(lambda x: x.dtype, state) == dtypes  # nothing silently turned bf16
+    moved = max_weight_diff(ours_flat(state["teacher"], "dinov2"), ours_flat(teacher0, "dinov2"))
+    assert moved[0] > 0
+
+
+def test_images_are_normalised_like_the_host_pipeline():
+    from dinojax.data.augment import normalize_lut
+    from dinojax.ssl.step import _images
+
+    x = np.random.RandomState(0).randint(0, 256, (2, 4, 4, 3)).astype(np.uint8)
+    table = normalize_lut((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)).reshape(256, 3)
+    want = table[x, np.arange(3)]
+    np.testing.assert_array_equal(np.asarray(jax.jit(_images)(x)), want)
+    f = np.random.RandomState(1).randn(2, 4, 4, 3).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(_images(jnp.asarray(f))), f)
+
+
 def test_flops_per_step_counts_the_recipe():
     c = base_config()  # ViT-L/16, 2 x 224 + 8 x 96 crops, batch 2048, shared 65536-way head
     b, d, depth, k = 2048, 1024, 24, 65536
