@@ -150,10 +150,6 @@ class StepSetup:
             nan_skip=policy == "skip",
         )
 
-    @property
-    def ibot_head_name(self) -> str:
-        return "ibot_head" if self.separate_ibot_head else "dino_head"
-
 
 def _head(config, vit: ViTConfig, *, ibot: bool, rngs: nnx.Rngs) -> DINOHead:
     h = config.heads
