@@ -1,0 +1,88 @@
+"""Recipes carry the official values (official-dino.md §4.1), `smoke` shrinks without changing the
+code path, config arguments and the data / distributed set-up fail with clear messages."""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+from train_configs import ROOT  # noqa: F401  (puts the repository root on sys.path)
+
+from dinojax.ssl.optim import scaled_lr, total_steps
+from dinojax.ssl.step import StepSetup
+from dinojax.train.data import data_config
+from dinojax.train.distributed import maybe_initialize
+
+RECIPES = ("dinov2", "dinov2_vitl14", "dinov2_vitg14", "dinov2_vits14", "dinov2_vitb14",
+           "dino_vits16", "demo")  # fmt: skip
+
+
+def recipe(name, arg=None):
+    return importlib.import_module(f"configs.{name}").get_config(arg)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_builds_full_and_smoke(name):
+    for arg in (None, "smoke"):
+        c = recipe(name, arg)
+        setup = StepSetup.from_config(c)  # the step accepts it
+        dc = data_config(c, process_count=1)
+        assert dc.batch_size == c.batch_size
+        assert (dc.masking is None) == (c.loss.family == "dino")
+        if arg == "smoke":
+            assert c.batch_size <= 64 and total_steps(c) <= 40 and setup.vit.embed_dim <= 96
+        # smoke keeps the recipe's code path: family, centering, heads layout, FFN
+        full = recipe(name)
+        assert (c.loss.family, c.loss.centering, c.heads.separate_ibot_head) == (
+            full.loss.family, full.loss.centering, full.heads.separate_ibot_head)  # fmt: skip
+        assert c.model.overrides.ffn_layer == full.model.overrides.ffn_layer
+
+
+def test_official_values():
+    d = recipe("dinov2")  # vitl16_short
+    assert (d.model.overrides.patch_size, d.batch_size, total_steps(d)) == (16, 2048, 125000)
+    assert math.isclose(scaled_lr(d), 4e-3 * math.sqrt(2))  # 5.657e-3 (§4.1)
+    g = recipe("dinov2_vitg14")
+    s = StepSetup.from_config(g)
+    assert s.vit.ffn_layer == "swiglu" and s.vit.embed_dim == 1536 and s.vit.depth == 40
+    assert g.loss.centering == "sinkhorn_knopp" and s.separate_ibot_head
+    assert (g.heads.out_dim, g.heads.bottleneck_dim) == (131072, 384)
+    assert (g.heads.ibot_out_dim, g.heads.ibot_bottleneck_dim) == (131072, 256)
+    assert (g.optim.base_lr, g.optim.warmup_epochs, g.optim.layerwise_decay) == (2e-4, 80, 1.0)
+    assert (g.optim.momentum_teacher, g.optim.weight_decay_end, total_steps(g)) == (
+        0.994, 0.2, 625000)  # fmt: skip
+    assert (g.data.local_crops_size, s.vit.drop_path_rate) == (98, 0.4)
+    v1 = recipe("dino_vits16")
+    assert (v1.loss.family, v1.optim.param_groups, v1.optim.clip_mode) == (
+        "dino", "dino", "per_tensor")  # fmt: skip
+    assert math.isclose(scaled_lr(v1), 5e-4 * 512 / 256)
+    assert v1.heads.norm_last_layer and not recipe("dino_vits16", "boosted").heads.norm_last_layer
+
+
+def test_config_argument_errors():
+    with pytest.raises(ValueError, match="unknown config argument 'vitx'"):
+        recipe("dinov2", "vitx")
+    with pytest.raises(ValueError, match="boosted='maybe' is not a boolean"):
+        recipe("dino_vits16", "boosted=maybe")
+    assert recipe("dino_vits16", "boosted=true,smoke").loss.teacher_temp == 0.07
+
+
+def test_data_config_errors():
+    c = recipe("dinov2", "smoke")
+    with pytest.raises(ValueError, match="not divisible by the 3 processes"):
+        data_config(c, process_count=3)
+    assert data_config(c, process_count=2).batch_size == c.batch_size // 2
+    c.data.augment = "simclr"
+    with pytest.raises(ValueError, match="unknown data.augment 'simclr'"):
+        data_config(c, process_count=1)
+
+
+def test_distributed_needs_full_coordinates(monkeypatch):
+    for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS",
+              "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):  # fmt: skip
+        monkeypatch.delenv(k, raising=False)
+    assert maybe_initialize() is False  # a lone process starts nothing
+    with pytest.raises(ValueError, match="needs num_processes and process_id"):
+        maybe_initialize("127.0.0.1:1234")
+    assert maybe_initialize("127.0.0.1:1234", num_processes=1, process_id=0) is False
