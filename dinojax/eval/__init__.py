@@ -1,0 +1,13 @@
+"""Using frozen features: k-NN and linear evaluation, feature extraction, pictures.
+
+- `dinojax.eval.knn`: `knn_classify` (official weighted k-NN vote, jittable, sharded) and
+  `knn_eval` (model + datasets -> top-1/top-5), `python -m dinojax.eval.knn`.
+- `dinojax.eval.linear`: official linear-eval features, a grid of probes trained in one jitted
+  loop, the released `linear` / `linear4` heads, `python -m dinojax.eval.linear`.
+- `dinojax.eval.extract`: CLS / patch / intermediate-layer features to `.npy`,
+  `python -m dinojax.eval.extract`.
+- `dinojax.eval.pictures`: patch-feature PCA and attention-map PNGs,
+  `python -m dinojax.eval.pictures`.
+- `dinojax.eval.features` (sharded batched extraction over any data source) and
+  `dinojax.eval.transforms` (the official eval transform) underneath.
+"""

@@ -248,6 +248,8 @@ def iter_features(
     gb = min(_round_up(batch_size, n_shards), _round_up(order.size, n_shards))
     local = _local_rows(sharding, gb)
     shape = tuple(getattr(transform, "output_shape", ()))
+    if not shape:  # a transform without a declared size: the first record decides
+        shape = _load_record(source, order[0], transform)[0].shape
     graphdef, state = nnx.split(model)
     state = _place_state(state, mesh)
     n_batches = -(-order.size // gb)
@@ -272,8 +274,6 @@ def iter_features(
             if b + 1 < n_batches:
                 pending = submit(pool, b + 1)  # load the next batch while this one runs
             loaded = [f.result() for f in futs]
-            if not shape:
-                shape = loaded[0][0].shape
             x = np.zeros((local.size, *shape), np.float32)  # padding rows stay zero
             labels = np.full(gb, -1, np.int64)
             keys = [""] * gb
