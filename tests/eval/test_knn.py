@@ -148,9 +148,13 @@ def test_cli_errors(args, message, capsys):
 def test_cli_not_a_checkpoint(tmp_path, capsys):
     (tmp_path / "empty_dir").mkdir()
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint at all")
+    torch.save({"foo": torch.zeros(3)}, tmp_path / "other.pth")
+    torch.save({"teacher": {"dino_head.mlp.0.weight": torch.zeros(3, 3)}}, tmp_path / "head.pth")
     cases = [
         (tmp_path / "empty_dir", "not a dinojax checkpoint"),
         (tmp_path / "junk.pth", "not a readable PyTorch checkpoint"),
+        (tmp_path / "other.pth", "not a DINO/DINOv2 backbone"),
+        (tmp_path / "head.pth", "no 'backbone.' keys"),
     ]
     for ckpt, message in cases:
         rc = knn.main(
