@@ -186,6 +186,15 @@ def train(
     if latest is not None:
         it.set_state(data_state)
 
+    if start >= end:
+        it.close()
+        ckpt.close()
+        log.warning("checkpoint %d already reaches the last step %d: nothing to train", start, end)
+        return TrainResult(
+            step=start, status="done" if end == total else "max_steps", compile_time_s=0.0,
+            last_metrics={}, knn={}, skipped_steps=[], history=[],
+        )  # fmt: skip
+
     writer = MetricsWriter(
         workdir, enabled=is_main, total_steps=end, start_step=start,
         progress=bool(t.get("progress", True)),
@@ -306,9 +315,8 @@ def train(
         finally:
             ckpt.wait()
             it.close()
+            writer.close()
     ckpt.close()
-    writer.flush()
-    writer.close()
     return TrainResult(
         step=n, status=status, compile_time_s=compile_time, last_metrics=last_metrics,
         knn=knn_results, skipped_steps=skipped, history=history,

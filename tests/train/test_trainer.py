@@ -90,6 +90,14 @@ def test_reference_run(reference):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tensorboard"))
 
 
+def test_rerun_of_a_finished_run_does_nothing(reference):
+    result, workdir, _ = reference
+    again = train(tiny_config(), workdir)
+    assert again.step == 8 and again.status == "done" and again.compile_time_s == 0.0
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    assert sum('"kind": "train"' in line for line in lines) == 8
+
+
 def test_one_device_equals_2x4_mesh(reference, tmp_path):
     """The same 3 steps on a single device give the (2, 4) mesh's losses (float32 reductions in
     another order: agreement to a few ulps of the loss, not bit equality)."""
