@@ -33,6 +33,7 @@ Command line:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import logging
 import math
@@ -44,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dinojax.eval.features import (
@@ -59,7 +61,9 @@ __all__ = [
     "OFFICIAL_LEARNING_RATES",
     "apply_linear_head",
     "evaluate_linear_head",
-    "head_n_blocks",
+    "HeadLayout",
+    "head_input",
+    "head_layout",
     "linear_eval",
     "linear_input",
     "load_linear_head",
@@ -92,11 +96,18 @@ def linear_input(cls: jax.Array, avgpool: jax.Array, n_blocks: int, use_avgpool:
 
 
 def load_linear_head(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """An official linear head file (`dinov2_*_linear[4]_head.pth`, or one written by
-    `save_linear_head`) -> {"weight": (C, in), "bias": (C,)}, read safely (weights_only)."""
+    """A linear head file -> {"weight": (C, in), "bias": (C,)}, read safely (weights_only).
+
+    Accepts the DINOv2 hub heads (`dinov2_*_linear[4]_head.pth`: keys weight, bias), heads
+    written by `save_linear_head`, and DINO v1 linear-eval checkpoints
+    (`{"state_dict": {"module.linear.weight", "module.linear.bias"}, ...}`).
+    """
     from dinojax.convert.io import read_file
 
     sd = read_file(path)
+    if isinstance(sd.get("state_dict"), dict):  # DINO v1 eval_linear.py checkpoint
+        sd = sd["state_dict"]
+    sd = {k.removeprefix("module.").removeprefix("linear."): v for k, v in sd.items()}
     if set(sd) != {"weight", "bias"}:
         raise ValueError(
             f"{path}: a linear head has exactly the keys weight and bias, got {sorted(sd)}"
@@ -116,14 +127,50 @@ def save_linear_head(path: str | os.PathLike, weight: np.ndarray, bias: np.ndarr
     )
 
 
-def head_n_blocks(head: dict, embed_dim: int) -> int:
-    """Last-blocks count of a head on `[CLS x n, mean(patch)]`: 2D -> 1 (`linear`), 5D -> 4."""
-    in_dim = head["weight"].shape[1]
-    if in_dim % embed_dim or in_dim // embed_dim < 2:
-        raise ValueError(
-            f"head input size {in_dim} is not (n + 1) x {embed_dim}: it does not fit this backbone"
-        )
-    return in_dim // embed_dim - 1
+@dataclasses.dataclass(frozen=True)
+class HeadLayout:
+    """What a linear head reads: the CLS of the last `n_blocks` blocks, plus the mean patch token
+    if `avgpool`; `interleaved` is DINO v1's order `[cls_0, avg_0, cls_1, avg_1, ...]` (its
+    eval_linear.py stacks CLS and average on a new last axis, official-dino.md §5)."""
+
+    n_blocks: int
+    avgpool: bool = True
+    interleaved: bool = False
+
+    def __post_init__(self) -> None:
+        if self.n_blocks < 1:
+            raise ValueError(f"n_blocks must be positive, got {self.n_blocks}")
+        if self.interleaved and (self.n_blocks != 1 or not self.avgpool):
+            raise ValueError("the interleaved (DINO v1) layout is one block with avgpool")
+
+    def input_dim(self, embed_dim: int) -> int:
+        return embed_dim * (self.n_blocks + int(self.avgpool))
+
+
+def head_layout(head: dict, cfg) -> HeadLayout:
+    """The layout of a released head from its input size: DINOv2 `linear` (2D) / `linear4` (5D)
+    `[CLS x n, mean(patch)]`; DINO v1 ViT-S (4D: last 4 CLS) / ViT-B (2D: 1 block + avgpool,
+    interleaved)."""
+    in_dim, d = head["weight"].shape[1], cfg.embed_dim
+    if cfg.family == "dino":
+        if in_dim == 4 * d:
+            return HeadLayout(4, avgpool=False)
+        if in_dim == 2 * d:
+            return HeadLayout(1, avgpool=True, interleaved=True)
+    elif in_dim % d == 0 and in_dim // d >= 2:
+        return HeadLayout(in_dim // d - 1)
+    raise ValueError(
+        f"head input size {in_dim} does not fit this backbone (embed dim {d}, {cfg.family}): "
+        "give the layout explicitly"
+    )
+
+
+def head_input(cls: jax.Array, avgpool: jax.Array, layout: HeadLayout) -> jax.Array:
+    """The head's input from `LinearInputs` features, in the layout's order."""
+    if layout.interleaved:
+        x = jnp.stack([cls[:, -1].astype(jnp.float32), avgpool.astype(jnp.float32)], axis=-1)
+        return x.reshape(cls.shape[0], -1)
+    return linear_input(cls, avgpool, layout.n_blocks, layout.avgpool)
 
 
 def _logits(x: jax.Array, head: dict) -> jax.Array:
@@ -131,22 +178,28 @@ def _logits(x: jax.Array, head: dict) -> jax.Array:
     return jnp.einsum("bi,ci->bc", x, w, precision=_HIGHEST) + jnp.asarray(head["bias"])
 
 
-def apply_linear_head(model, x: jax.Array, head: dict, n_blocks: int | None = None) -> jax.Array:
-    """Logits of a released (or saved) head on images `x` (B, H, W, 3), official recipe with
-    avgpool; `n_blocks` is inferred from the head size when None."""
-    n = head_n_blocks(head, model.cfg.embed_dim) if n_blocks is None else n_blocks
-    feats = LinearInputs(n_blocks=n)(model, x)
-    inp = linear_input(feats["cls"], feats["avgpool"], n, True)
-    if inp.shape[1] != head["weight"].shape[1]:
+def apply_linear_head(model, x: jax.Array, head: dict, layout: HeadLayout | None = None):
+    """Logits of a released (or saved) head on images `x` (B, H, W, 3); the layout is inferred
+    from the head size when None (`head_layout`)."""
+    layout = layout or head_layout(head, model.cfg)
+    if layout.input_dim(model.cfg.embed_dim) != head["weight"].shape[1]:
         raise ValueError(
-            f"head expects {head['weight'].shape[1]} inputs, features have {inp.shape[1]}"
+            f"head expects {head['weight'].shape[1]} inputs, the layout gives "
+            f"{layout.input_dim(model.cfg.embed_dim)}"
         )
-    return _logits(inp, head)
+    graphdef, state = nnx.split(model)
+    return _apply_head(graphdef, layout, state, head, x)
 
 
-@functools.partial(jax.jit, static_argnames=("n_blocks",))
-def _head_correct(head, cls, avg, labels, valid, *, n_blocks):
-    logits = _logits(linear_input(cls, avg, n_blocks, True), head)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _apply_head(graphdef, layout, state, head, x):
+    feats = LinearInputs(n_blocks=layout.n_blocks)(nnx.merge(graphdef, state), x)
+    return _logits(head_input(feats["cls"], feats["avgpool"], layout), head)
+
+
+@functools.partial(jax.jit, static_argnames=("layout",))
+def _head_correct(head, cls, avg, labels, valid, *, layout):
+    logits = _logits(head_input(cls, avg, layout), head)
     top = min(5, logits.shape[1])
     _, pred = jax.lax.top_k(logits, top)
     hit1 = (pred[:, 0] == labels) & valid
@@ -402,7 +455,7 @@ def evaluate_linear_head(
     head: dict,
     source,
     *,
-    n_blocks: int | None = None,
+    layout: HeadLayout | None = None,
     batch_size: int = 256,
     image_size: int = 224,
     resize_size: int | None = None,
@@ -414,11 +467,17 @@ def evaluate_linear_head(
 ) -> dict[str, float]:
     """Top-1 / top-5 (%) of a linear head (e.g. the released `linear4`) on a labelled dataset."""
     mesh = mesh or default_mesh()
-    n = head_n_blocks(head, model.cfg.embed_dim) if n_blocks is None else n_blocks
+    layout = layout or head_layout(head, model.cfg)
+    if layout.input_dim(model.cfg.embed_dim) != head["weight"].shape[1]:
+        raise ValueError(
+            f"head expects {head['weight'].shape[1]} inputs, the layout gives "
+            f"{layout.input_dim(model.cfg.embed_dim)}"
+        )
     src = resolve_source(source, data_dir, "test set")
     feats, labels = extract_features(
-        model, src, LinearInputs(n_blocks=n), transform=_transform(image_size, resize_size),
-        batch_size=batch_size, indices=_subset(len(src), max_items, 1), mesh=mesh,
+        model, src, LinearInputs(n_blocks=layout.n_blocks),
+        transform=_transform(image_size, resize_size), batch_size=batch_size,
+        indices=_subset(len(src), max_items, 1), mesh=mesh,
         progress=progress, desc="linear head", num_workers=num_workers,
     )  # fmt: skip
     if (labels < 0).any():
@@ -431,7 +490,7 @@ def evaluate_linear_head(
         mesh, feats["cls"], feats["avgpool"], labels.astype(np.int32)
     )
     c1, c5 = _head_correct(jax.device_put(head, NamedSharding(mesh, PartitionSpec())), cls, avg,
-                           lab, valid, n_blocks=n)  # fmt: skip
+                           lab, valid, layout=layout)  # fmt: skip
     total = labels.shape[0]
     return {"top1": 100.0 * float(c1) / total, "top5": 100.0 * float(c5) / total}
 
@@ -453,6 +512,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--train", help="training set (probe mode): digits:train, folder:DIR, tfds:...")
     p.add_argument("--test", required=True, help="labelled test set")
     p.add_argument("--head", help="evaluate this linear head (.pth) instead of training probes")
+    p.add_argument(
+        "--head-blocks", type=int, default=None,
+        help="layout of a saved head: last blocks (default: inferred from a released head's size)",
+    )  # fmt: skip
+    p.add_argument("--head-no-avgpool", action="store_true", help="saved head without avgpool")
     p.add_argument("--data-dir", default=None, help="TFDS data_dir")
     p.add_argument("--batch-size", type=int, default=256, help="feature-extraction batch")
     p.add_argument("--image-size", type=int, default=224)
@@ -482,11 +546,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         test = resolve_source(args.test, args.data_dir, "test set")
         if args.head:
             head = load_linear_head(args.head)
+            layout = None
+            if args.head_blocks is not None:
+                layout = HeadLayout(args.head_blocks, avgpool=not args.head_no_avgpool)
             model = cli.load_model(args)
             res = evaluate_linear_head(
-                model, head, test, batch_size=args.batch_size, image_size=args.image_size,
-                resize_size=args.resize_size, max_items=args.max_test, progress=progress,
-                data_dir=args.data_dir,
+                model, head, test, layout=layout, batch_size=args.batch_size,
+                image_size=args.image_size, resize_size=args.resize_size,
+                max_items=args.max_test, progress=progress, data_dir=args.data_dir,
             )  # fmt: skip
             print(f"head {args.head}: top-1 {res['top1']:.2f}   top-5 {res['top5']:.2f}")
             if args.output:
@@ -510,7 +577,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.save_head:
             save_linear_head(args.save_head, **res["weights"][res["best"]])
             h = res["heads"][res["best"]]
-            print(f"wrote {args.save_head} (n_blocks={h['n_blocks']}, avgpool={h['avgpool']})")
+            flags = f"--head-blocks {h['n_blocks']}" + (
+                "" if h["avgpool"] else " --head-no-avgpool"
+            )
+            print(f"wrote {args.save_head} (evaluate it with --head {args.save_head} {flags})")
         if args.output:
             out = {k: v for k, v in res.items() if k not in ("weights", "losses")}
             cli.write_json(args.output, {"linear": out, "args": vars(args)})

@@ -42,11 +42,44 @@ def test_released_head_matches_official(models, official_linear, tmp_path, n_blo
         )
         expect = head(official_linear.create_linear_input(tokens, n_blocks, True)).numpy()
     loaded = linear.load_linear_head(path)
-    assert linear.head_n_blocks(loaded, d) == n_blocks
+    assert linear.head_layout(loaded, CFG) == linear.HeadLayout(n_blocks)
     with jax.default_matmul_precision("highest"):
         got = np.asarray(linear.apply_linear_head(ours, jnp.asarray(x), loaded))
     np.testing.assert_allclose(got, expect, rtol=1e-5, atol=2e-5)
     np.testing.assert_array_equal(got.argmax(1), expect.argmax(1))
+
+
+@pytest.mark.parametrize("n_blocks", [4, 1], ids=["vits-4-blocks", "vitb-1-block-avgpool"])
+def test_dino_v1_head_layouts(tmp_path, n_blocks):
+    """DINO v1 released linear weights ({"state_dict": {"module.linear.*"}}): ViT-S reads the
+    last 4 CLS, ViT-B the last CLS and the mean patch token interleaved. The torch side follows
+    dino's eval_linear.py (not installable here) on the official blocks with v1 settings."""
+    cfg = get_config("dino_vits16", depth=4, embed_dim=64, num_heads=1, img_size=64)
+    ref = official_vit(cfg, seed=4)
+    params = from_official({k: v.numpy() for k, v in official_state_dict(ref, cfg).items()}, cfg)
+    ours = model_from_params(cfg, jax.tree.map(jnp.asarray, params))
+    avgpool = n_blocks == 1
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64 * (n_blocks + int(avgpool)), 10)
+    path = tmp_path / "v1_linear.pth"
+    sd = {f"module.linear.{k}": v for k, v in head.state_dict().items()}
+    torch.save({"epoch": 100, "state_dict": sd, "best_acc": 77.0}, path)
+    x = np.random.default_rng(5).normal(size=(2, 48, 64, 3)).astype(np.float32)
+    with torch.no_grad():
+        tokens = ref.get_intermediate_layers(
+            torch.from_numpy(x).permute(0, 3, 1, 2), n_blocks, return_class_token=True
+        )
+        out = torch.cat([c for _, c in tokens], dim=-1)
+        if avgpool:  # cat on a new last axis, then flatten: [cls_0, avg_0, cls_1, avg_1, ...]
+            avg = torch.mean(tokens[-1][0], dim=1)
+            out = torch.cat((out.unsqueeze(-1), avg.unsqueeze(-1)), dim=-1).reshape(2, -1)
+        expect = head(out).numpy()
+    loaded = linear.load_linear_head(path)
+    layout = linear.head_layout(loaded, cfg)
+    assert layout == linear.HeadLayout(n_blocks, avgpool=avgpool, interleaved=avgpool)
+    with jax.default_matmul_precision("highest"):
+        got = np.asarray(linear.apply_linear_head(ours, jnp.asarray(x), loaded))
+    np.testing.assert_allclose(got, expect, rtol=1e-5, atol=2e-5)
 
 
 def test_linear_input_matches_create_linear_input(official_linear):
@@ -138,7 +171,8 @@ def test_linear_eval_digits_and_saved_head(tiny_model, tmp_path):
     head = linear.load_linear_head(path)
     assert torch.load(path, weights_only=True).keys() == {"weight", "bias"}
     acc = linear.evaluate_linear_head(
-        tiny_model, head, "digits:test", n_blocks=res["heads"][name]["n_blocks"], batch_size=64,
+        tiny_model, head, "digits:test", layout=linear.HeadLayout(res["heads"][name]["n_blocks"]),
+        batch_size=64,
         image_size=56, max_items=128, progress=False,
     )  # fmt: skip
     assert acc["top1"] == pytest.approx(res["heads"][name]["top1"])
