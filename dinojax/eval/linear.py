@@ -521,13 +521,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="feature-extraction batch")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--resize-size", type=int, default=None)
-    p.add_argument("--n-blocks", type=int, nargs="+", default=[1, 4])
-    p.add_argument("--avgpool", choices=["both", "yes", "no"], default="both")
-    p.add_argument("--lrs", type=float, nargs="+", default=list(OFFICIAL_LEARNING_RATES))
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--train-batch-size", type=int, default=128)
-    p.add_argument("--max-train", type=int, default=None)
-    p.add_argument("--max-test", type=int, default=None)
+    p.add_argument("--n-blocks", type=int, nargs="+", default=[1, 4], help="CLS of last n blocks")
+    p.add_argument("--avgpool", choices=["both", "yes", "no"], default="both",
+                   help="heads with / without the mean patch token")  # fmt: skip
+    p.add_argument("--lrs", type=float, nargs="+", default=list(OFFICIAL_LEARNING_RATES),
+                   help="learning rates (x batch/256); default: the official 13")  # fmt: skip
+    p.add_argument("--epochs", type=int, default=10, help="passes over the training features")
+    p.add_argument("--train-batch-size", type=int, default=128, help="probe training batch")
+    p.add_argument("--max-train", type=int, default=None, help="random subset of the train set")
+    p.add_argument("--max-test", type=int, default=None, help="random subset of the test set")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-head", default=None, help="write the best head here (.pth)")
     p.add_argument("--output", default=None, help="write the results as JSON here")
