@@ -43,9 +43,32 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _check_override_types(overrides: dict[str, Any]) -> None:
+    import dataclasses
+
+    from dinojax.models.config import ViTConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(ViTConfig)}
+    for key, value in overrides.items():
+        if key not in defaults:
+            raise ValueError(f"--override {key}: unknown ViTConfig field")
+        d = defaults[key]
+        ok = (
+            d is None
+            or value is None
+            or (isinstance(d, bool) and isinstance(value, bool))
+            or (type(d) is int and type(value) is int)
+            or (isinstance(d, float) and type(value) in (int, float))
+            or (isinstance(d, str) and isinstance(value, str))
+        )
+        if not ok:
+            raise ValueError(f"--override {key}={value!r}: expected {type(d).__name__}")
+
+
 def load_model(args: argparse.Namespace):
     """The backbone named by --checkpoint, or --arch --random."""
     overrides = parse_overrides(args.override)
+    _check_override_types(overrides)
     if args.random:
         if not args.arch:
             raise ValueError("--random needs --arch NAME (e.g. dinov2_vits14)")

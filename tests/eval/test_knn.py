@@ -136,6 +136,8 @@ def test_cli(tmp_path, capsys):
         (["--random"], "--random needs --arch"),
         (["--arch", "vit_nope", "--random"], "unknown architecture"),
         (["--arch", "dinov2_vits14", "--random", "--override", "depth"], "KEY=VALUE"),
+        (["--arch", "dinov2_vits14", "--random", "--override", "depth=two"], "expected int"),
+        (["--arch", "dinov2_vits14", "--random", "--override", "size=3"], "unknown ViTConfig"),
     ],
 )
 def test_cli_errors(args, message, capsys):
