@@ -38,7 +38,8 @@ def test_demo_smoke_improves_knn(tmp_path):
 
 @pytest.mark.slow
 def test_demo_improves_knn(tmp_path):
-    """The full demo, 300 steps. Measured: 7.5% -> 61% top-1 (k=20)."""
+    """The full demo, 300 steps. Measured: 10.8% -> 60.8% top-1 (k=20) on the 8 simulated
+    devices (7.5% -> 60.8% with `python train.py` on one CPU device)."""
     result = train(_demo(), tmp_path)
     before, after = _top1(result, 0), _top1(result, 300)
     assert after >= before + 40.0, (before, after)
