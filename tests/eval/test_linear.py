@@ -13,7 +13,7 @@ import torch
 from reference import official_state_dict, official_vit
 
 from dinojax.convert.backbone import from_official
-from dinojax.eval import linear
+from dinojax.eval import linear, probe
 from dinojax.eval.features import model_from_params
 from dinojax.models.config import get_config
 
@@ -107,8 +107,8 @@ def test_probe_training_matches_official_loop(official_linear):
     lrs = (0.5, 2.0, 8.0)
     specs = ((1, False), (1, True), (4, False), (4, True))
     key = jax.random.key(seed)
-    init = linear.init_probe_params(jax.random.key(7), specs, len(lrs), d, c)
-    res = linear.train_linear_probe(
+    init = probe.init_probe_params(jax.random.key(7), specs, len(lrs), d, c)
+    res = probe.train_linear_probe(
         {"cls": cls, "avgpool": avg}, labels, {"cls": cls[:20], "avgpool": avg[:20]}, labels[:20],
         num_classes=c, learning_rates=lrs, epochs=epochs, batch_size=batch, seed=seed,
         init=jax.tree.map(jnp.copy, init),
@@ -124,14 +124,14 @@ def test_probe_training_matches_official_loop(official_linear):
             with torch.no_grad():
                 clf.linear.weight.copy_(torch.from_numpy(np.asarray(p["w"][i]).T.copy()))
                 clf.linear.bias.copy_(torch.from_numpy(np.array(p["b"][i])))
-            clfs[linear.head_name(nb, pool, lr)] = clf
+            clfs[probe.head_name(nb, pool, lr)] = clf
             groups.append({"params": clf.parameters(), "lr": lr})
     steps = n // batch
     opt = torch.optim.SGD(groups, momentum=0.9, weight_decay=0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps, eta_min=0)
     losses = []
     for e in range(epochs):
-        for idx in np.asarray(linear.batch_indices(key, n, e, steps, batch)):
+        for idx in np.asarray(probe.batch_indices(key, n, e, steps, batch)):
             tokens = [(patches[idx], torch.from_numpy(cls[idx, j])) for j in range(4)]
             y = torch.from_numpy(labels[idx]).long()
             loss = sum(torch.nn.CrossEntropyLoss()(m(tokens), y) for m in clfs.values())
