@@ -2,8 +2,9 @@
 
 - `dinojax.eval.knn`: `knn_classify` (official weighted k-NN vote, jittable, sharded) and
   `knn_eval` (model + datasets -> top-1/top-5), `python -m dinojax.eval.knn`.
-- `dinojax.eval.linear`: official linear-eval features, a grid of probes trained in one jitted
-  loop, the released `linear` / `linear4` heads, `python -m dinojax.eval.linear`.
+- `dinojax.eval.linear`: official linear-eval features, the released `linear` / `linear4` heads
+  (and DINO v1 heads), `linear_eval`, `python -m dinojax.eval.linear`;
+  `dinojax.eval.probe`: the grid of linear probes trained in one jitted loop.
 - `dinojax.eval.extract`: CLS / patch / intermediate-layer features to `.npy`,
   `python -m dinojax.eval.extract`.
 - `dinojax.eval.pictures`: patch-feature PCA and attention-map PNGs,
