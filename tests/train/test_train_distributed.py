@@ -33,8 +33,8 @@ def _env(devices: int) -> dict[str, str]:
     return env
 
 
-def _cmd(workdir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "train.py", "--config", RECIPE, "--workdir", str(workdir), *extra]
+def _cmd(workdir: Path, *extra: str, recipe: str = RECIPE) -> list[str]:
+    return [sys.executable, "train.py", "--config", recipe, "--workdir", str(workdir), *extra]
 
 
 def _free_port() -> int:
@@ -98,3 +98,39 @@ def test_two_processes_equal_one(tmp_path):
         lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7),
         teacher(single), teacher(multi),
     )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_processes_dinov2_trains(tmp_path):
+    """DINOv2 (iBOT masks drawn per process, process-blocked batches reordered in the step) on
+    two processes: every step finite with masked patches, both checkpoints written."""
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            _cmd(
+                tmp_path / "multi",
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+                recipe="tests/train/tiny_recipe.py:dinov2",
+            ),
+            cwd=ROOT,
+            env=_env(2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    records = [
+        json.loads(line) for line in (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()
+    ]
+    train_records = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train_records] == list(range(1, 9))
+    assert all(r["finite"] == 1 and r["n_masked"] > 0 for r in train_records)
+    ckpt = Checkpointer(tmp_path / "multi" / "checkpoints", save_every=4)
+    assert ckpt.all_steps() == [4, 8]
+    ckpt.close()
