@@ -267,39 +267,41 @@ def iter_features(
     bar = tqdm(
         total=order.size, desc=desc, unit="img", disable=not progress or jax.process_index() != 0
     )
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        pending = submit(pool, 0)
-        for b in range(n_batches):
-            rows, futs = pending
-            if b + 1 < n_batches:
-                pending = submit(pool, b + 1)  # load the next batch while this one runs
-            loaded = [f.result() for f in futs]
-            x = np.zeros((local.size, *shape), np.float32)  # padding rows stay zero
-            labels = np.full(gb, -1, np.int64)
-            keys = [""] * gb
-            for j, (img, label, key) in enumerate(loaded):
-                if img.shape != shape:
-                    raise ValueError(
-                        f"record {rows[local[j]]} ({key}) transformed to shape {img.shape}, "
-                        f"expected {shape}: use a transform with a fixed output size"
-                    )
-                x[j] = img
-                labels[local[j]], keys[local[j]] = label, key
-            xg = jax.make_array_from_process_local_data(sharding, x, (gb, *shape))
-            out = _forward(graphdef, fn, state, xg)
-            out = _to_host(out)
-            n = rows.size
-            if jax.process_count() > 1:
-                labels, keys = _gather_meta(labels, keys, local)
-            yield FeatureBatch(
-                start=b * gb,
-                indices=rows,
-                labels=labels[:n],
-                keys=keys[:n],
-                features={k: v[:n] for k, v in out.items()},
-            )
-            bar.update(n)
-    bar.close()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            pending = submit(pool, 0)
+            for b in range(n_batches):
+                rows, futs = pending
+                if b + 1 < n_batches:
+                    pending = submit(pool, b + 1)  # load the next batch while this one runs
+                loaded = [f.result() for f in futs]
+                x = np.zeros((local.size, *shape), np.float32)  # padding rows stay zero
+                labels = np.full(gb, -1, np.int64)
+                keys = [""] * gb
+                for j, (img, label, key) in enumerate(loaded):
+                    if img.shape != shape:
+                        raise ValueError(
+                            f"record {rows[local[j]]} ({key}) transformed to shape {img.shape}, "
+                            f"expected {shape}: use a transform with a fixed output size"
+                        )
+                    x[j] = img
+                    labels[local[j]], keys[local[j]] = label, key
+                xg = jax.make_array_from_process_local_data(sharding, x, (gb, *shape))
+                out = _forward(graphdef, fn, state, xg)
+                out = _to_host(out)
+                n = rows.size
+                if jax.process_count() > 1:
+                    labels, keys = _gather_meta(labels, keys, local)
+                yield FeatureBatch(
+                    start=b * gb,
+                    indices=rows,
+                    labels=labels[:n],
+                    keys=keys[:n],
+                    features={k: v[:n] for k, v in out.items()},
+                )
+                bar.update(n)
+    finally:
+        bar.close()
 
 
 def _to_host(out: dict[str, Array]) -> dict[str, np.ndarray]:
