@@ -42,6 +42,7 @@ from dinojax.eval.transforms import fit_to_patch, load_image, normalize
 
 __all__ = [
     "attention_maps",
+    "attention_mass_masks",
     "attention_pictures",
     "colorize",
     "foreground_masks",
@@ -237,6 +238,21 @@ def attention_maps(model, image: Any, size: int | None = 448) -> np.ndarray:
     return attn.reshape(attn.shape[0], img.height // p, img.width // p)
 
 
+def attention_mass_masks(maps: np.ndarray, mass: float) -> np.ndarray:
+    """DINO's `visualize_attention.py --threshold`: per head, the smallest set of patches holding
+    `mass` of the attention (sorted ascending, normalised, cumulative sum > 1 - mass)."""
+    if not 0.0 < mass <= 1.0:
+        raise ValueError(f"attention mass must be in (0, 1], got {mass}")
+    flat = maps.reshape(maps.shape[0], -1).astype(np.float64)
+    order = np.argsort(flat, axis=1, kind="stable")
+    val = np.take_along_axis(flat, order, axis=1)
+    val = val / val.sum(axis=1, keepdims=True)
+    keep_sorted = np.cumsum(val, axis=1) > (1.0 - mass)
+    keep = np.empty_like(keep_sorted)
+    np.put_along_axis(keep, order, keep_sorted, axis=1)
+    return keep.reshape(maps.shape)
+
+
 def attention_pictures(
     model,
     images: Sequence[Any],
@@ -245,13 +261,17 @@ def attention_pictures(
     size: int | None = 448,
     cols: int = 4,
     alpha: float = 0.6,
+    mass: float | None = None,
     names: Sequence[str] | None = None,
 ) -> list[Path]:
-    """Write `<name>_attention.png` (panels: image, mean over heads, each head) per image."""
+    """Write `<name>_attention.png` (panels: image, mean over heads, each head) per image.
+    With `mass`, each map shows DINO's thresholded mask (`attention_mass_masks`) instead."""
     if not images:
         raise ValueError("no images given")
     if cols <= 0 or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"cols must be positive and alpha in [0, 1], got {cols}, {alpha}")
+    if mass is not None and not 0.0 < mass <= 1.0:
+        raise ValueError(f"attention mass must be in (0, 1], got {mass}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     p = model.cfg.patch_size
@@ -263,7 +283,9 @@ def attention_pictures(
         base = np.asarray(img, np.float64)
         w, h = img.size
         panels = [np.asarray(img)]
-        for m in [maps.mean(axis=0), *maps]:
+        shown = np.concatenate([maps.mean(axis=0, keepdims=True), maps])
+        shown = attention_mass_masks(shown, mass).astype(np.float64) if mass else shown
+        for m in shown:
             heat = colorize(_upsample(_minmax(m), h, w)).astype(np.float64)
             panels.append(np.round((1 - alpha) * base + alpha * heat).astype(np.uint8))
         c = min(cols, len(panels))
@@ -305,6 +327,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-background", action="store_true", help="PCA without background removal")
     p.add_argument("--separate", action="store_true", help="one PCA per image instead of joint")
     p.add_argument("--cols", type=int, default=4, help="attention panels per row")
+    p.add_argument(
+        "--mass", type=float, default=None,
+        help="show DINO's masks keeping this share of each head's attention (e.g. 0.6)",
+    )  # fmt: skip
     return p
 
 
@@ -341,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )  # fmt: skip
         if "attention" in args.kind:
             written += attention_pictures(
-                model, images, args.out, size=size, cols=args.cols, names=names
+                model, images, args.out, size=size, cols=args.cols, mass=args.mass, names=names
             )
         for path in written:
             print(f"wrote {path}")

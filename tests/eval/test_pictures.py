@@ -63,6 +63,27 @@ def test_attention_maps_are_the_cls_row(tiny_model, tmp_path):
     assert np.all(maps.reshape(2, -1).sum(-1) < 1.0)  # the CLS->CLS share is left out
 
 
+def test_attention_mass_masks_match_dino_recipe():
+    """vs the torch steps of DINO's visualize_attention.py (sort, normalise, cumsum > 1 - t,
+    unsort with argsort)."""
+    import torch
+
+    maps = np.random.default_rng(0).random((3, 4, 5)).astype(np.float32) ** 3
+    for t in (0.3, 0.6, 1.0):
+        att = torch.from_numpy(maps.reshape(3, -1))
+        val, idx = torch.sort(att)
+        val /= torch.sum(val, dim=1, keepdim=True)
+        th = torch.cumsum(val, dim=1) > (1 - t)
+        idx2 = torch.argsort(idx)
+        ref = torch.stack([th[h][idx2[h]] for h in range(3)]).numpy().reshape(3, 4, 5)
+        got = pictures.attention_mass_masks(maps, t)
+        np.testing.assert_array_equal(got, ref)
+        kept = (maps * got).reshape(3, -1).sum(1) / maps.reshape(3, -1).sum(1)
+        assert np.all(kept >= t - 1e-6)
+    with pytest.raises(ValueError, match="mass"):
+        pictures.attention_mass_masks(maps, 0.0)
+
+
 def test_attention_excludes_registers(tmp_path, random_model):
     reg = random_model("dinov2_vits14_reg", depth=1, embed_dim=32, num_heads=2, img_size=28)
     maps = pictures.attention_maps(reg, _scene(tmp_path / "s.png"), size=28)  # 2x3 patches
@@ -78,6 +99,8 @@ def test_pictures_written(tiny_model, tmp_path):
     out = tmp_path / "out"
     paths = pictures.pca_pictures(tiny_model, [a, b], out, size=56)
     paths += pictures.attention_pictures(tiny_model, [a, b], out, size=56, cols=3)
+    masked = pictures.attention_pictures(tiny_model, [a], tmp_path / "m", size=56, mass=0.6)
+    assert Image.open(masked[0]).size == (4 * 84, 56)  # 4 panels in one row (cols=4)
     assert [p.name for p in paths] == [
         "a_pca.png",
         "b_pca.png",
