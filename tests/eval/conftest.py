@@ -7,7 +7,6 @@ import socket
 import sys
 import types
 import warnings
-from unittest import mock
 
 import pytest
 import torch.distributed as dist
@@ -56,10 +55,20 @@ def _placeholder(name: str) -> types.ModuleType:
 
 def import_official_eval(name: str) -> types.ModuleType:
     """`dinov2.eval.<name>` from the installed official package, its unusable imports stubbed."""
-    stubs = {n: _placeholder(n) for n in _PLACEHOLDERS}
-    with mock.patch.dict(sys.modules, stubs):
-        sys.modules.pop(f"dinov2.eval.{name}", None)
-        module = __import__(f"dinov2.eval.{name}", fromlist=["_"])
+    # Only the placeholder entries are undone afterwards (real modules imported on the way, such
+    # as dinov2.distributed, stay); the official module itself is not left importable with stubs.
+    full = f"dinov2.eval.{name}"
+    saved = {n: sys.modules.get(n) for n in (*_PLACEHOLDERS, full)}
+    try:
+        sys.modules.pop(full, None)
+        sys.modules.update({n: _placeholder(n) for n in _PLACEHOLDERS})
+        module = __import__(full, fromlist=["_"])
+    finally:
+        for n, m in saved.items():
+            if m is None:
+                sys.modules.pop(n, None)
+            else:
+                sys.modules[n] = m
     return module
 
 
