@@ -65,11 +65,12 @@ def reference(tmp_path_factory):
     counter = _CompileCounter()
     logger = logging.getLogger("jax")
     logger.addHandler(counter)
+    was = jax.config.jax_log_compiles
     jax.config.update("jax_log_compiles", True)
     try:
         result = train(tiny_config(), workdir, record_history=True)
     finally:
-        jax.config.update("jax_log_compiles", False)
+        jax.config.update("jax_log_compiles", was)
         logger.removeHandler(counter)
     return result, workdir, counter.names
 
