@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import warnings
 from functools import partial
+from unittest import mock
 
 import numpy as np
 import torch
@@ -53,7 +54,16 @@ def official_vit(cfg: ViTConfig, seed: int = 0, block_chunks: int = 0) -> torch.
     """Official DinoVisionTransformer (PyPI code) for a non-register config; hub key names, or
     the chunked `blocks.{c}.{i}` names of training checkpoints with `block_chunks` > 0."""
     assert cfg.num_register_tokens == 0
-    m = OfficialViT(
+    # Every parameter is overwritten by randomize_: skip the official init (trunc_normal over
+    # ~100M values costs seconds per model on a CI core).
+    with mock.patch.object(OfficialViT, "init_weights", lambda self: None):
+        m = _official_vit(cfg, block_chunks)
+    randomize_(m, seed)
+    return m.eval()
+
+
+def _official_vit(cfg: ViTConfig, block_chunks: int) -> torch.nn.Module:
+    return OfficialViT(
         img_size=cfg.img_size,
         patch_size=cfg.patch_size,
         embed_dim=cfg.embed_dim,
@@ -65,8 +75,6 @@ def official_vit(cfg: ViTConfig, seed: int = 0, block_chunks: int = 0) -> torch.
         block_chunks=block_chunks,  # 0: hub key names (§1.1: the class default chunks)
         block_fn=partial(Block, attn_class=MemEffAttention),
     )
-    randomize_(m, seed)
-    return m.eval()
 
 
 def official_state_dict(model: torch.nn.Module, cfg: ViTConfig) -> dict[str, torch.Tensor]:

@@ -88,10 +88,11 @@ def test_overrides():
 
 
 def test_remat_policies_give_identical_outputs_and_gradients():
-    """Remat only decides what the backward pass recomputes: the forward is bit-identical; the
-    loss and gradients of the recomputed graph agree to float32 rounding (XLA fuses the
-    recomputation differently, measured <= 4e-7 relative)."""
-    # Batch 4 at rate 0.2: the batch-subset path (subset of 3), which a traced rate would lose.
+    """Remat only decides what the backward pass recomputes: outputs, loss and gradients agree
+    to float32 rounding (XLA fuses the recomputation differently; measured <= 4e-7 relative).
+    Training mode with batch-subset drop path: a traced rate would switch it to per-sample and
+    change every value."""
+    # Batch 4 at rate 0.2: the batch-subset path (subset of 3).
     x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 28, 28, 3), np.float32))
     key = jax.random.key(3)
 
@@ -102,21 +103,19 @@ def test_remat_policies_give_identical_outputs_and_gradients():
 
         def loss(state):
             ff = nnx.merge(graphdef, state).forward_features(x, key=key)
-            return jnp.sum(ff["x_norm_patchtokens"] ** 2) + jnp.sum(ff["x_norm_clstoken"]), ff
+            value = jnp.sum(ff["x_norm_patchtokens"] ** 2) + jnp.sum(ff["x_norm_clstoken"])
+            return value, ff["x_prenorm"]
 
-        fwd = jax.jit(lambda s: loss(s)[1])(state)
-        (value, _), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(state)
-        return fwd, value, grad
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(state)
 
     def rel(a, b):
         return float(jnp.abs(a - b).max() / jnp.abs(b).max())
 
     with jax.default_matmul_precision("highest"):
-        base_fwd, base_loss, base_grad = run("none")
+        (base_loss, base_out), base_grad = run("none")
         for policy in REMAT_POLICIES[1:]:
-            fwd, loss, grad = run(policy)
-            for k in ("x_norm_clstoken", "x_norm_patchtokens", "x_prenorm"):
-                np.testing.assert_array_equal(np.asarray(fwd[k]), np.asarray(base_fwd[k]))
+            (loss, out), grad = run(policy)
+            assert rel(out, base_out) <= 2e-6, policy
             assert rel(loss, base_loss) <= 2e-6, (policy, float(loss), float(base_loss))
             errs = jax.tree.leaves(jax.tree.map(rel, grad, base_grad))
             assert max(errs) <= 2e-6, (policy, max(errs))
