@@ -83,9 +83,13 @@ def extract_to_dir(
     mesh=None,
 ) -> dict[str, Any]:
     """Extract and write the arrays listed in the module docstring; returns the metadata."""
+    import jax
+
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise ValueError(f"{out_dir} exists and is not empty (use --overwrite)")
+    # With several processes every one computes (collectives) and gets all rows; process 0 writes.
+    writer = jax.process_index() == 0
     if not (cls or patch or layers is not None):
         raise ValueError("nothing to extract: ask for cls, patch and/or layers")
     if layer_patches and layers is None:
@@ -95,6 +99,13 @@ def extract_to_dir(
     fn = Tokens(cls=cls, patch=patch, layers=idx, layer_patches=layer_patches)
     transform = transform or make_transform(model)
     n = len(src) if indices is None else len(indices)
+    if not writer:
+        for _ in iter_features(
+            model, src, fn, transform=transform, batch_size=batch_size, indices=indices,
+            mesh=mesh, progress=False,
+        ):  # fmt: skip
+            pass
+        return {"count": n, "writer": False}
     tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -189,6 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             indices=indices, overwrite=args.overwrite, progress=not args.no_progress,
             data_dir=args.data_dir,
         )  # fmt: skip
+        if "arrays" not in meta:  # not the writing process
+            return 0
         shapes = ", ".join(f"{k} {tuple(v)}" for k, v in meta["arrays"].items())
         print(f"wrote {args.out}: {meta['count']} images; {shapes}")
         return 0

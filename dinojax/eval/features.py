@@ -254,6 +254,8 @@ def iter_features(
     state = _place_state(state, mesh)
     n_batches = -(-order.size // gb)
     workers = num_workers or min(16, (os.cpu_count() or 2) * 2)
+    # Names of rows loaded by other processes (no file read); loaded records overwrite them.
+    key_of = getattr(source, "key", str)
 
     def submit(pool, b):
         rows = order[b * gb : (b + 1) * gb]
@@ -277,7 +279,7 @@ def iter_features(
                 loaded = [f.result() for f in futs]
                 x = np.zeros((local.size, *shape), np.float32)  # padding rows stay zero
                 labels = np.full(gb, -1, np.int64)
-                keys = [""] * gb
+                keys = [key_of(i) for i in rows] + [""] * (gb - rows.size)
                 for j, (img, label, key) in enumerate(loaded):
                     if img.shape != shape:
                         raise ValueError(
@@ -313,14 +315,14 @@ def _to_host(out: dict[str, Array]) -> dict[str, np.ndarray]:
 
 
 def _gather_meta(labels: np.ndarray, keys: list[str], local: np.ndarray):
-    # Labels and keys of other processes' rows: every process fills its own rows, the rest -1/"".
+    # Labels of other processes' rows: every process fills its own rows, the rest -1.
     from jax.experimental import multihost_utils
 
     mine = np.zeros(labels.shape, bool)
     mine[local] = True
     all_labels = multihost_utils.process_allgather(np.where(mine, labels, -(2**31)))
     merged = np.max(np.asarray(all_labels).reshape(-1, labels.size), axis=0)
-    return merged.astype(np.int64), keys  # keys stay local (only used for naming outputs)
+    return merged.astype(np.int64), keys
 
 
 def extract_features(

@@ -30,6 +30,13 @@ def main() -> None:
         model, "digits:train", "digits:test", batch_size=16, image_size=28, max_train=200,
         max_test=48, ks=(5, 20), progress=False,
     )  # fmt: skip
+    from dinojax.eval.extract import extract_to_dir
+    from dinojax.eval.transforms import ResizeTransform
+
+    extract_to_dir(
+        model, "digits:test", f"{out}/extract", patch=True, transform=ResizeTransform(28, 42),
+        batch_size=16, indices=range(21), progress=False,
+    )  # fmt: skip
     np.save(f"{out}/feats{pid}.npy", feats["cls"])
     np.save(f"{out}/labels{pid}.npy", labels)
     with open(f"{out}/knn{pid}.json", "w") as f:

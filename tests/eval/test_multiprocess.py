@@ -1,5 +1,6 @@
 """Two JAX processes (jax.distributed on 127.0.0.1, gloo, 4 CPU devices each): every process
-loads only its devices' rows, features and kNN accuracies equal a single-process run."""
+loads only its devices' rows; features, kNN accuracies and the extracted .npy files (written by
+process 0) equal a single-process run."""
 
 from __future__ import annotations
 
@@ -61,3 +62,15 @@ def test_two_processes_equal_one(tmp_path, tiny_checkpoint):
         np.testing.assert_allclose(np.load(tmp_path / f"feats{i}.npy"), feats["cls"], atol=1e-6)
         np.testing.assert_array_equal(np.load(tmp_path / f"labels{i}.npy"), labels)
     np.testing.assert_array_equal(labels, DigitsSource("test").labels[:37])
+    # extract_to_dir: process 0 wrote every row, keys included
+    from dinojax.eval.features import Tokens
+    from dinojax.eval.transforms import ResizeTransform
+
+    ref, _ = extract_features(
+        model, "digits:test", Tokens(cls=True, patch=True), transform=ResizeTransform(28, 42),
+        batch_size=16, indices=range(21), progress=False,
+    )  # fmt: skip
+    ext = tmp_path / "extract"
+    np.testing.assert_allclose(np.load(ext / "cls.npy"), ref["cls"], atol=1e-6)
+    np.testing.assert_allclose(np.load(ext / "patch.npy"), ref["patch"], atol=1e-6)
+    assert (ext / "keys.txt").read_text().split() == [str(i) for i in range(21)]
