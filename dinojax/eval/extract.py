@@ -85,11 +85,12 @@ def extract_to_dir(
     """Extract and write the arrays listed in the module docstring; returns the metadata."""
     import jax
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise ValueError(f"{out_dir} exists and is not empty (use --overwrite)")
     # With several processes every one computes (collectives) and gets all rows; process 0 writes.
     writer = jax.process_index() == 0
+    out_dir = Path(out_dir)
+    nonempty = out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir()))
+    if writer and nonempty and not overwrite:
+        raise ValueError(f"{out_dir} exists and is not empty (use --overwrite)")
     if not (cls or patch or layers is not None):
         raise ValueError("nothing to extract: ask for cls, patch and/or layers")
     if layer_patches and layers is None:
