@@ -89,7 +89,9 @@ def extract_to_dir(
     writer = jax.process_index() == 0
     out_dir = Path(out_dir)
     nonempty = out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir()))
-    if writer and nonempty and not overwrite:
+    # Every process checks (a shared folder: nothing is written before all processes started,
+    # since writing needs every process's collectives), so all stop together.
+    if nonempty and not overwrite:
         raise ValueError(f"{out_dir} exists and is not empty (use --overwrite)")
     if not (cls or patch or layers is not None):
         raise ValueError("nothing to extract: ask for cls, patch and/or layers")
