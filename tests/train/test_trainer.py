@@ -100,8 +100,9 @@ def test_rerun_of_a_finished_run_does_nothing(reference):
 
 
 def test_one_device_equals_2x4_mesh(reference, tmp_path):
-    """The same 3 steps on a single device give the (2, 4) mesh's losses (float32 reductions in
-    another order: agreement to a few ulps of the loss, not bit equality)."""
+    """The same 3 steps on a single device give the (2, 4) mesh's losses. float32 reductions run
+    in another order, so not bit equality: measured max relative difference 2.4e-6 (step 3,
+    growing from 1e-7 at step 1 as the updates compound); tolerance 2e-5."""
     config = tiny_config(max_steps=3)
     config.mesh.shape = (1, 1)
     single = train(config, tmp_path, record_history=True, devices=jax.devices()[:1])
