@@ -56,7 +56,9 @@ def main(argv: list[str]) -> None:
     jax.block_until_ready(state)
     init_s = time.perf_counter() - t0
 
-    pipeline = make_pipeline(config, jax.process_index(), jax.process_count())
+    pipeline = make_pipeline(
+        config, jax.process_index(), jax.process_count(), ssl_step.n_batch_shards(config, mesh)
+    )
     with pipeline.device_iterator(mesh, data_axes=batch_axes(mesh, rules)) as it:
         batch = next(it)
         spec = it.element_spec

@@ -12,4 +12,11 @@ def load(path, **kwargs):
     return _load(path, **kwargs)
 
 
-__all__ = ["ARCHITECTURES", "DinoVisionTransformer", "ViTConfig", "create_model", "get_config", "load"]
+__all__ = [
+    "ARCHITECTURES",
+    "DinoVisionTransformer",
+    "ViTConfig",
+    "create_model",
+    "get_config",
+    "load",
+]

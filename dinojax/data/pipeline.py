@@ -8,9 +8,9 @@ b = B / P: the processes' reads are disjoint and together cover the stream, and 
 on the number of workers or threads.
 
 Determinism. A record's crops come from a generator seeded by (seed, epoch, position in epoch);
-the masks of a batch from one seeded by (seed, step, process). So batch `k` is a pure function of
-(seed, k, process index, process count): resuming at step `k` reproduces the exact batches, and
-the checkpointed data state is just the step.
+the masks of a rank's images from one seeded by (seed, step, global rank). So batch `k` is a
+pure function of (seed, k, process index, process count): resuming at step `k` reproduces the
+exact batches, and the checkpointed data state is just the step.
 
 Layout. Per process, the batch is the official collate's (official-dino.md §3.1, §4.7):
 `global_crops` (2b, S, S, 3) crop-major ([crop 0 of the b images; crop 1]), `local_crops`
@@ -21,8 +21,10 @@ The global arrays concatenate the processes' batches along axis 0 (that is what
 one host with any number of devices - they are exactly the official crop-major batch of B images;
 with P processes each process's block of rows is crop-major ("process-blocked";
 `process_blocked_to_crop_major` reorders it, at the price of moving rows between devices). The
-masks follow official per-rank semantics with one process as one rank (`mask_groups` splits it
-into several); `mask_indices` index the *global* flattened `masks`.
+masks follow official per-rank semantics with one process as `mask_groups` ranks (the trainer
+uses the step's per-GPU groups, `dinojax.train.data.mask_groups`); rank p*g + r seeds them, so
+the global masks depend on the number of ranks, not of processes. `mask_indices` index the
+*global* flattened `masks`.
 
 Bad data. A record that cannot be read or decoded is skipped: the next position of the same
 epoch takes its place (so shapes stay static and resumption stays exact), the skip is logged
@@ -202,7 +204,9 @@ class _Collate:
         bg = b // g
         out = np.empty((2 * b, self.n_tokens), dtype=bool)
         for r in range(g):
-            rng = np.random.default_rng([self.seed, _TAG_MASKS, step, self.p, r])
+            # keyed by the global rank p*g + r: P processes of g groups mask exactly like one
+            # process of P*g groups, so the masks do not depend on the process count
+            rng = np.random.default_rng([self.seed, _TAG_MASKS, step, self.p * g + r])
             mr = sample_masks(2 * bg, self.gen, rng, m.mask_probability, m.mask_ratio)
             for c in range(2):
                 out[c * b + r * bg : c * b + (r + 1) * bg] = mr[c * bg : (c + 1) * bg]

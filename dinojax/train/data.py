@@ -7,7 +7,7 @@ import ml_collections
 from dinojax.data import DataConfig, DinoDataPipeline, MaskingConfig
 from dinojax.data.augment import PRESETS
 
-__all__ = ["data_config", "make_pipeline", "uses_masks"]
+__all__ = ["data_config", "make_pipeline", "mask_groups", "uses_masks"]
 
 
 def uses_masks(config: ml_collections.ConfigDict) -> bool:
@@ -15,8 +15,37 @@ def uses_masks(config: ml_collections.ConfigDict) -> bool:
     return config.loss.family != "dino"
 
 
-def data_config(config: ml_collections.ConfigDict, process_count: int) -> DataConfig:
-    """Per-process `DataConfig`: the global `config.batch_size` split evenly over processes."""
+def mask_groups(config: ml_collections.ConfigDict, process_count: int, n_ranks: int | None) -> int:
+    """iBOT mask groups per process: the official ranks of the run, divided among the processes.
+
+    Official DINOv2 collates (and masks) per GPU. The step reproduces per-GPU KoLeo and iBOT
+    centering over `n_ranks` groups of the global batch (`dinojax.ssl.step.n_batch_shards`:
+    `loss.n_shards`, else the batch devices), so the masks use the same groups: rank `p * g + r`
+    is group `r` of process `p`. Masks - and losses - then depend on the number of ranks, never
+    on how many processes hold them. `data.mask_groups` overrides the per-process count.
+    """
+    explicit = config.data.get("mask_groups", None)
+    if explicit is not None:
+        return int(explicit)
+    if n_ranks is None:
+        return 1
+    if n_ranks % process_count:
+        raise ValueError(
+            f"the batch is split into {n_ranks} official ranks (loss.n_shards, else the batch "
+            f"devices), which {process_count} processes cannot share evenly; set loss.n_shards "
+            "to a multiple of the process count or data.mask_groups explicitly"
+        )
+    return n_ranks // process_count
+
+
+def data_config(
+    config: ml_collections.ConfigDict, process_count: int, n_ranks: int | None = None
+) -> DataConfig:
+    """Per-process `DataConfig`: the global `config.batch_size` split evenly over processes.
+
+    `n_ranks`: the official ranks the step's per-GPU losses use (see `mask_groups`); None masks
+    each process's batch as one rank.
+    """
     d = config.data
     if config.batch_size % process_count:
         raise ValueError(
@@ -44,17 +73,20 @@ def data_config(config: ml_collections.ConfigDict, process_count: int) -> DataCo
         num_workers=d.num_workers,
         read_threads=d.read_threads,
         prefetch=d.prefetch,
-        mask_groups=d.get("mask_groups", 1),
+        mask_groups=mask_groups(config, process_count, n_ranks) if masking else 1,
         augment=augment,
         masking=masking,
     )
 
 
 def make_pipeline(
-    config: ml_collections.ConfigDict, process_index: int, process_count: int
+    config: ml_collections.ConfigDict,
+    process_index: int,
+    process_count: int,
+    n_ranks: int | None = None,
 ) -> DinoDataPipeline:
     return DinoDataPipeline(
-        config=data_config(config, process_count),
+        config=data_config(config, process_count, n_ranks),
         process_index=process_index,
         process_count=process_count,
     )

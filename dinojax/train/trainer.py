@@ -181,7 +181,7 @@ def train(
         state, data_state, saved = ckpt.restore(latest, target)
         start = int(data_state["step"])
         _warn_config_changes(saved, _config_json(config))
-    pipeline = make_pipeline(config, p_idx, p_cnt)
+    pipeline = make_pipeline(config, p_idx, p_cnt, ssl_step.n_batch_shards(config, mesh))
     it = pipeline.device_iterator(mesh, data_axes=batch_axes(mesh, rules), start_step=start)
     if latest is not None:
         it.set_state(data_state)
