@@ -245,6 +245,28 @@ def test_mask_groups_follow_per_rank_collate():
         DataConfig(batch_size=6, mask_groups=4)
 
 
+def test_masks_depend_on_ranks_not_processes():
+    """P processes of g groups mask exactly like one process of P*g groups (global rank seeds)."""
+    aug = AugmentConfig(global_crops_size=112, local_crops_size=28, local_crops_number=1)
+
+    def pipe(batch, groups, p, n):
+        cfg = DataConfig(batch_size=batch, augment=aug, mask_groups=groups, masking=MaskingConfig())
+        return DinoDataPipeline("digits", cfg, process_index=p, process_count=n)
+
+    one = pipe(8, 4, 0, 1)
+    two = [pipe(4, 2, p, 2) for p in range(2)]
+    assert one.mask_upper_bound == sum(t.mask_upper_bound for t in two)
+    for step in range(5):
+        m = one.masks(step)  # (16, N) crop-major over 8 images
+        for p, t in enumerate(two):
+            mp = t.masks(step)  # (8, N) crop-major over this process's 4 images
+            for c in (0, 1):
+                np.testing.assert_array_equal(
+                    mp[c * 4 : (c + 1) * 4], m[c * 8 + p * 4 : c * 8 + p * 4 + 4]
+                )
+    assert not np.array_equal(one.masks(0), one.masks(1))
+
+
 def test_dino_v1_preset_has_no_masks():
     cfg = DataConfig.dino_v1(batch_size=2)
     assert cfg.augment.blur_impl == "pil" and cfg.masking is None

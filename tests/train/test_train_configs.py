@@ -73,6 +73,14 @@ def test_data_config_errors():
     with pytest.raises(ValueError, match="not divisible by the 3 processes"):
         data_config(c, process_count=3)
     assert data_config(c, process_count=2).batch_size == c.batch_size // 2
+    # iBOT mask groups: the step's official ranks, divided among the processes
+    assert data_config(c, 1, n_ranks=8).mask_groups == 8
+    assert data_config(c, 2, n_ranks=8).mask_groups == 4
+    assert data_config(c, 2).mask_groups == 1
+    with pytest.raises(ValueError, match="3 official ranks"):
+        data_config(c, 2, n_ranks=3)
+    c.data.mask_groups = 2  # explicit per-process count wins
+    assert data_config(c, 2, n_ranks=3).mask_groups == 2
     c.data.augment = "simclr"
     with pytest.raises(ValueError, match="unknown data.augment 'simclr'"):
         data_config(c, process_count=1)
