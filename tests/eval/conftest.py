@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import logging
-import socket
 import sys
 import types
 import warnings
 
 import pytest
-import torch.distributed as dist
 
 logging.getLogger("dinov2").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message="xFormers not available")
@@ -80,21 +78,6 @@ def official_knn():
 @pytest.fixture(scope="session")
 def official_linear():
     return import_official_eval("linear")
-
-
-@pytest.fixture(scope="session")
-def torch_process_group():
-    """A one-process gloo group: the official KnnModule broadcasts and gathers with
-    torch.distributed. With world size 1 it computes the single-process result."""
-    if dist.is_initialized():
-        yield
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def _random_model(name: str, seed: int = 0, **overrides):
