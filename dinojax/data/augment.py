@@ -143,23 +143,37 @@ PRESETS = {
 # Decoding
 
 
+# 16-bit data keeps its high byte (v >> 8), chosen by mode / dtype, never by pixel values. This is
+# what the libraries do where they scale at all: Pillow decodes 16-bit RGB, RGBA and LA PNGs to
+# 8 bits by keeping the most significant byte ("RGB;16B" unpackers), and torchvision's
+# `to_dtype(uint16 -> uint8, scale=True)` is a right shift by 8. (Pillow's convert("RGB") of a
+# 16-bit *grayscale* image clips at 255 instead, turning most of the image white; the official
+# loader's `convert("RGB")` inherits that, which we do not copy.) Rounding v/257 would differ
+# from v >> 8 by one level on about half the values.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _sixteen_to_uint8(a: np.ndarray) -> np.ndarray:
+    """0..65535 -> 0..255 by the high byte; "I" (32-bit) data is clipped to 16 bits first."""
+    return (np.clip(a.astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
+
+
 def _to_uint8_array(arr: np.ndarray) -> np.ndarray:
-    """Scale a numeric image array to uint8 (16-bit and wider integers keep their top 8 bits)."""
+    """An image array to uint8, by dtype: uint8 as is, bool -> {0, 255}, uint16 and int32 (the
+    arrays of Pillow's 16-bit modes "I;16*" and "I") -> high byte, float -> [0, 1] scaled by 255
+    (torchvision's float-image convention), rounded and clipped."""
     if arr.dtype == np.uint8:
         return arr
     if arr.dtype == np.bool_:
         return arr.astype(np.uint8) * 255
     if np.issubdtype(arr.dtype, np.floating):
-        finite = np.nan_to_num(arr.astype(np.float32), nan=0.0, posinf=255.0, neginf=0.0)
-        scale = 255.0 if finite.size and float(finite.max()) <= 1.0 else 1.0
-        return np.clip(np.rint(finite * scale), 0, 255).astype(np.uint8)
-    if np.issubdtype(arr.dtype, np.integer):
-        a = arr.astype(np.int64)
-        if a.size and (a.min() < 0 or a.max() > 255):
-            # 16-bit data (uint16 / int32 from 16-bit PNGs): 0..65535 -> 0..255
-            return (np.clip(a, 0, 65535) >> 8).astype(np.uint8)
-        return a.astype(np.uint8)
-    raise ValueError(f"unsupported image dtype {arr.dtype}")
+        finite = np.nan_to_num(arr.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+        return np.clip(np.rint(finite * np.float32(255.0)), 0, 255).astype(np.uint8)
+    if (arr.dtype.kind, arr.dtype.itemsize) in (("u", 2), ("i", 4)):
+        return _sixteen_to_uint8(arr)
+    raise ValueError(
+        f"unsupported image dtype {arr.dtype} (expected uint8, bool, uint16, int32 or float)"
+    )
 
 
 def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
@@ -180,19 +194,23 @@ def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
 def _pil_to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # convert("RGB") would clip 16-bit values at 255; scale them instead
-        return Image.fromarray(_array_to_rgb(np.asarray(img)), "RGB")
+    if img.mode in _SIXTEEN_BIT_MODES:
+        # convert("RGB") would clip 16-bit values at 255; keep the high byte instead (see above)
+        g = _sixteen_to_uint8(np.asarray(img))
+        return Image.fromarray(np.ascontiguousarray(np.repeat(g[:, :, None], 3, axis=2)), "RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")  # palette transparency: through RGBA, alpha then dropped
-    # L, LA, RGBA, CMYK, YCbCr, 1, P: Pillow's own conversions (the official loader's convert)
+    # L, LA, RGBA, CMYK, YCbCr, 1, P, F: Pillow's own conversions (the official loader's
+    # convert("RGB"); alpha is dropped, not composited; F values are clipped to 0..255 and
+    # truncated, as Pillow does)
     return img.convert("RGB")
 
 
 def decode_image(data: Any) -> Image.Image:
     """Decode encoded bytes, an array (TFDS Tensor feature) or a PIL image to an RGB PIL image.
 
-    Grayscale, palette, CMYK, alpha and 16-bit images are converted; corrupt or truncated files
+    Grayscale, palette, CMYK and alpha images give what `convert("RGB")` gives (alpha dropped, as
+    in the official loaders); 16-bit images keep their high byte. Corrupt or truncated files
     raise (`PIL.UnidentifiedImageError` / `OSError`), so the caller can skip and count them
     (unless the program set Pillow's global `ImageFile.LOAD_TRUNCATED_IMAGES`).
     """

@@ -415,3 +415,84 @@ def test_decode_errors(photo):
         decode_image(np.zeros((4, 4, 5), np.uint8))
     with pytest.raises(TypeError):
         decode_image(3.0)
+
+
+DARK16 = np.array([[0, 1, 200, 255], [17, 100, 254, 128]], np.uint16)  # every value < 256
+BRIGHT16 = np.array([[256, 257, 511, 512], [40000, 65535, 65280, 65279]], np.uint16)
+DARK8 = np.zeros((2, 4), np.uint8)
+BRIGHT8 = np.array([[1, 1, 1, 2], [156, 255, 255, 254]], np.uint8)  # v >> 8
+
+
+def _sixteen_bit_images(a: np.ndarray) -> dict[str, object]:
+    return {
+        "I;16 png": _encode(Image.fromarray(a), "PNG"),
+        "I;16": Image.fromarray(a),
+        "I;16B": Image.frombytes("I;16B", (a.shape[1], a.shape[0]), a.astype(">u2").tobytes()),
+        "I;16L": Image.frombytes("I;16L", (a.shape[1], a.shape[0]), a.astype("<u2").tobytes()),
+        "I": Image.fromarray(a.astype(np.int32)),
+        "uint16 array": a,
+        "int32 array": a.astype(np.int32),
+    }
+
+
+@pytest.mark.parametrize("values,expected", [(DARK16, DARK8), (BRIGHT16, BRIGHT8)])
+def test_decode_sixteen_bit_by_mode_not_content(values, expected):
+    """16-bit data keeps its high byte whatever the image holds: a dark image (all values < 256)
+    is near black, not left as if it were 8-bit."""
+    for name, data in _sixteen_bit_images(values).items():
+        if isinstance(data, Image.Image):
+            assert data.mode == name, name
+        elif isinstance(data, bytes):
+            assert Image.open(io.BytesIO(data)).mode == "I;16"
+        out = np.asarray(decode_image(data))
+        assert out.shape == (2, 4, 3), name
+        for c in range(3):
+            np.testing.assert_array_equal(out[..., c], expected, err_msg=name)
+    # the same image once dark and once bright: the scale does not depend on the content
+    mixed = np.concatenate([DARK16, BRIGHT16], axis=1)
+    out = np.asarray(decode_image(_encode(Image.fromarray(mixed), "PNG")))[..., 0]
+    np.testing.assert_array_equal(out, np.concatenate([DARK8, BRIGHT8], axis=1))
+
+
+def test_decode_float_and_unsupported_dtypes():
+    f = np.array([[0.0, 0.5, 1.0, 1.7], [-0.2, 0.1, 0.2, np.nan]], np.float32)
+    np.testing.assert_array_equal(
+        np.asarray(decode_image(f))[..., 0], [[0, 128, 255, 255], [0, 26, 51, 0]]
+    )
+    dark = np.full((2, 2), 0.2, np.float32)  # [0, 1] by dtype, even when all values are small
+    assert np.asarray(decode_image(dark)).max() == 51
+    # PIL "F" images are converted as Pillow's convert("RGB") does
+    fimg = Image.fromarray(np.array([[-3.0, 0.6, 200.5, 300.0]], np.float32))
+    np.testing.assert_array_equal(np.asarray(decode_image(fimg)), np.asarray(fimg.convert("RGB")))
+    with pytest.raises(ValueError, match="unsupported image dtype"):
+        decode_image(np.zeros((4, 4), np.int64))
+
+
+def test_decode_matches_pil_convert_rgb(photo):
+    """CMYK, RGBA, LA, P (with and without transparency), L and 1 decode to exactly the pixels of
+    `Image.convert("RGB")`, the official loaders' call; alpha is dropped, not composited."""
+    rgb = Image.fromarray(photo[:40, :56])
+    rng = np.random.default_rng(3)
+    alpha = Image.fromarray(rng.integers(0, 256, (40, 56), dtype=np.uint8))
+    rgba = rgb.copy()
+    rgba.putalpha(alpha)
+    la = rgb.convert("L")
+    la.putalpha(alpha)
+    images = {
+        "CMYK": (rgb.convert("CMYK"), "JPEG", {}),
+        "RGBA": (rgba, "PNG", {}),
+        "LA": (la, "PNG", {}),
+        "P": (rgb.convert("P"), "PNG", {}),
+        "P+transparency": (rgb.convert("P"), "PNG", {"transparency": 5}),
+        "L": (rgb.convert("L"), "PNG", {}),
+        "1": (rgb.convert("1"), "PNG", {}),
+    }
+    for name, (img, fmt, kw) in images.items():
+        data = _encode(img, fmt, **kw)
+        opened = Image.open(io.BytesIO(data))
+        assert opened.mode == name.split("+")[0], name
+        expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        np.testing.assert_array_equal(np.asarray(decode_image(data)), expected, err_msg=name)
+        np.testing.assert_array_equal(np.asarray(decode_image(opened)), expected, err_msg=name)
+    # alpha really is dropped: a fully transparent pixel keeps its colour
+    np.testing.assert_array_equal(np.asarray(decode_image(_encode(rgba, "PNG"))), photo[:40, :56])
