@@ -118,6 +118,23 @@ def test_pictures_written(tiny_model, tmp_path):
         w = arr.shape[1] // 2
         if p.name.endswith("_pca.png"):
             assert arr[:, w:].std() > 5  # the PCA half itself is not constant
+    # Every attention panel (mean and each head) carries its own non-constant heat map: undo the
+    # overlay (panel = 0.4 image + 0.6 heat) and check the heat itself varies, panel by panel.
+    for p, (h, w), alpha in ((paths[2], (56, 84), 0.6), (paths[3], (84, 56), 0.6)):
+        _check_heat_panels(np.asarray(Image.open(p).convert("RGB"), np.float64), h, w, 3, 3, alpha)
+    _check_heat_panels(np.asarray(Image.open(masked[0]).convert("RGB"), np.float64), 56, 84, 4, 3,
+                       0.6)  # fmt: skip
+
+
+def _check_heat_panels(canvas, h, w, cols, n_maps, alpha):
+    panels = [canvas[(i // cols) * h : (i // cols + 1) * h, (i % cols) * w : (i % cols + 1) * w]
+              for i in range(1 + n_maps)]  # fmt: skip
+    base = panels[0]
+    assert base.std() > 5
+    for i, panel in enumerate(panels[1:], 1):
+        heat = (panel - (1 - alpha) * base) / alpha
+        assert heat.std() > 10, f"panel {i} shows a constant map"
+        assert np.abs(panel - base).mean() > 5, f"panel {i} is the bare image"
 
 
 def test_cli_and_bad_input(tmp_path, capsys, tiny_checkpoint):
