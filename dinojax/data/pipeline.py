@@ -26,10 +26,15 @@ uses the step's per-GPU groups, `dinojax.train.data.mask_groups`); rank p*g + r 
 the global masks depend on the number of ranks, not of processes. `mask_indices` index the
 *global* flattened `masks`.
 
-Bad data. A record that cannot be read or decoded is skipped: the next position of the same
-epoch takes its place (so shapes stay static and resumption stays exact), the skip is logged
-with the record's key, counted in the batch's `n_bad` and in `DinoDataIterator.stats`, and only a
-long run of consecutive failures (a dataset that is broken, not a few bad files) stops training.
+Bad data. A record that cannot be read or decoded is skipped, and a record of the same
+process's shard takes its place: a seeded draw (seed, step, process, slot, attempt) among the
+positions this process reads in the same epoch, outside the current global batch. So shapes stay
+static, resumption stays exact, nothing depends on the number of workers, the processes' reads
+stay disjoint and no record appears twice in a global batch because of a skip (only when the
+whole epoch fits in one global batch is the stand-in taken from the process's own slots of that
+batch). The skip is logged with the record's key, counted in the batch's `n_bad` and in
+`DinoDataIterator.stats`, and only a long run of consecutive failures (a dataset that is broken,
+not a few bad files) stops training.
 """
 
 from __future__ import annotations
@@ -72,7 +77,7 @@ DEVICE_KEYS = (
 )
 
 # Domain tags keep the seed streams of crops, masks and shuffling apart.
-_TAG_CROPS, _TAG_MASKS, _TAG_SHUFFLE = 0, 1, 2
+_TAG_CROPS, _TAG_MASKS, _TAG_SHUFFLE, _TAG_REPLACE = 0, 1, 2, 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,13 +156,42 @@ class _LoadAndAugment:
         s = _epoch_shuffle_seed(self.seed, epoch)  # ~10 us: not worth a cache shared by threads
         return int(grain.experimental.index_shuffle(pos, max_index=self.n - 1, seed=s, rounds=4))
 
+    def replacement_position(self, step: int, j: int, epoch: int, attempt: int) -> int:
+        """Epoch position standing in for slot `j` of this process's batch `step` after `attempt`
+        (>= 1) failed reads: one of this process's own positions in the same epoch, in another
+        global batch, drawn from (seed, step, process, slot, attempt) alone."""
+        n, B, b, p = self.n, self.B, self.b, self.p
+        lo, hi = epoch * n, (epoch + 1) * n  # the epoch's stream positions
+        s_lo, s_hi = lo // B, (hi - 1) // B  # global batches that overlap the epoch
+        if s_hi > s_lo:
+            rng = np.random.default_rng([self.seed, _TAG_REPLACE, step, p, j, attempt])
+            for _ in range(64):  # rejects only slots of edge batches that fall outside the epoch
+                s2 = int(rng.integers(s_lo, s_hi))
+                s2 += s2 >= step  # uniform over the other batches
+                g2 = s2 * B + p * b + int(rng.integers(b))
+                if lo <= g2 < hi:
+                    return g2 - lo
+            for s2 in [*range(step + 1, s_hi + 1), *range(s_lo, step)]:  # tiny epochs: scan
+                for j2 in range(b):
+                    g2 = s2 * B + p * b + (j + attempt + j2) % b
+                    if lo <= g2 < hi:
+                        return g2 - lo
+        # the process has no slot of the epoch outside this batch: its own slots of the batch
+        # (slot j itself is in the epoch, so this returns)
+        for k in range(b):
+            g2 = step * B + p * b + (j + attempt + k) % b
+            if lo <= g2 < hi:
+                return g2 - lo
+        raise AssertionError("unreachable: slot j lies in the epoch")
+
     def __call__(self, i: int) -> dict[str, Any]:
         step, j = divmod(int(i), self.b)
         g = step * self.B + self.p * self.b + j  # position in the global stream
         epoch, pos = divmod(g, self.n)
         bad: list[tuple[str, str]] = []
         for attempt in range(self.max_bad + 1):
-            rec_idx = self.record_at(epoch, (pos + attempt) % self.n)
+            read_pos = pos if attempt == 0 else self.replacement_position(step, j, epoch, attempt)
+            rec_idx = self.record_at(epoch, read_pos)
             key = self.source.key(rec_idx) if hasattr(self.source, "key") else str(rec_idx)
             try:
                 rec = self.source[rec_idx]

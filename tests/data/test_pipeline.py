@@ -351,3 +351,67 @@ def test_config_validation():
         _pipe(batch_size=3).device_iterator()
     with pytest.raises(ValueError, match="start_step"):
         _pipe().dataset(start_step=-1)
+
+
+class _BadRecords(_Records):
+    """_Records where some records cannot be read."""
+
+    def __init__(self, n: int, bad: set[int]) -> None:
+        super().__init__(n)
+        self.bad = bad
+
+    def __getitem__(self, i: int) -> dict:
+        if i in self.bad:
+            raise OSError(f"record {i} is unreadable")
+        return super().__getitem__(i)
+
+
+def test_bad_record_stand_ins_come_from_the_process_shard():
+    """A skipped record is replaced from the same process's shard, outside the global batch: the
+    processes' batches stay disjoint, no record appears twice in a global batch, and the batches
+    stay a pure function of (seed, step, process) (threads, resume)."""
+    n_records, b, steps = 24, 3, 8  # global batch 6: 4 steps per epoch, 2 epochs
+    bad = {1, 5, 8, 13, 17, 22}
+    src = _BadRecords(n_records, bad)
+    procs = [_pipe(src, p=p, n=2, batch_size=b, seed=9) for p in range(2)]
+    runs = [_take(pp, steps) for pp in procs]
+    n_bad = 0
+    for step in range(steps):
+        recs = np.concatenate([run[step]["record_index"] for run in runs])
+        assert len(set(recs.tolist())) == 2 * b, (step, recs)  # disjoint, no duplicates
+        assert not set(recs.tolist()) & bad
+        n_bad += sum(run[step]["n_bad"] for run in runs)
+    assert n_bad >= 2 * len(bad)  # each bad record is met at least once per epoch
+    for p, (pp, run) in enumerate(zip(procs, runs)):
+        for epoch in range(2):
+            epoch_steps = range(4 * epoch, 4 * epoch + 4)
+            shard = set(np.concatenate([pp.record_indices(s) for s in epoch_steps]).tolist())
+            read = set(np.concatenate([run[s]["record_index"] for s in epoch_steps]).tolist())
+            assert read <= shard - bad, (p, epoch)
+    threaded = _take(_pipe(src, p=1, n=2, batch_size=b, seed=9, read_threads=3), steps)
+    _assert_batches_equal(runs[1], threaded)
+    _assert_batches_equal(runs[1][5:], _take(procs[1], 3, start=5))
+
+
+@pytest.mark.parametrize("n_records,b,n_proc", [(24, 3, 2), (10, 2, 2), (5, 2, 2), (7, 4, 1)])
+def test_replacement_positions_stay_in_own_slots(n_records, b, n_proc):
+    """Over every slot of a few epochs (also epochs that do not fill whole batches, and epochs
+    smaller than one global batch), stand-ins are the process's own positions of the same epoch,
+    in another global batch whenever the process has a slot there."""
+    B = b * n_proc
+    for p in range(n_proc):
+        load = _pipe(_Records(n_records), p=p, n=n_proc, batch_size=b, seed=1)._loader()
+        for step in range(3 * n_records // B + 2):
+            for j in range(b):
+                g = step * B + p * b + j
+                epoch, pos = divmod(g, n_records)
+                lo, hi = epoch * n_records, (epoch + 1) * n_records
+                own_elsewhere = any(
+                    lo <= g2 < hi and g2 // B != step and (g2 % B) // b == p for g2 in range(lo, hi)
+                )
+                for attempt in (1, 2, 5):
+                    pos2 = load.replacement_position(step, j, epoch, attempt)
+                    assert pos2 == load.replacement_position(step, j, epoch, attempt)
+                    g2 = lo + pos2
+                    assert 0 <= pos2 < n_records and (g2 % B) // b == p
+                    assert (g2 // B != step) == own_elsewhere
