@@ -8,7 +8,11 @@ Sections (consumed by `dinojax.ssl` for the step and by `dinojax.train` for the 
   model  : `arch` (official name) + `overrides` (ViTConfig fields) for the student and teacher
   heads  : DINO head (and the separate iBOT head when `separate_ibot_head`)
   loss   : family ("dinov2" = DINO + iBOT + KoLeo, "dino" = DINO v1), centering, temperatures
-  optim  : AdamW, schedules (durations in epochs of `epoch_length` steps), param groups, clipping
+  optim  : AdamW, schedules, param groups, clipping. Durations are in epochs of `epoch_length`
+           iterations (official), or in steps: set `optim.total_steps` and the run and every
+           schedule end there; warm-ups are then `optim.warmup_steps`,
+           `optim.freeze_last_layer_steps`, `loss.warmup_teacher_temp_steps` (each defaults to
+           its epochs x epoch_length). `train.max_steps` only stops early, schedules unchanged.
   data   : the input pipeline (dinojax.data.DataConfig fields)
   mesh   : device mesh and logical axis rules
   train  : workdir-side behaviour: logging, checkpoints, evaluation, fault handling
@@ -62,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.teacher_temp = 0.07
     c.loss.warmup_teacher_temp = 0.04
     c.loss.warmup_teacher_temp_epochs = 30
+    c.loss.warmup_teacher_temp_steps = ml_collections.config_dict.placeholder(int)  # see optim
     c.loss.teacher_temp_per = "step"  # v2 warms up per iteration, v1 per epoch
     c.loss.center_momentum = 0.9
     c.loss.dino_loss_weight = 1.0
@@ -71,6 +76,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict()
     c.optim.epochs = 100
     c.optim.epoch_length = 1250  # OFFICIAL_EPOCH_LENGTH: iterations per "epoch"
+    # Step-based durations (dinojax.train.trainer.resolve_durations): when total_steps is set it
+    # replaces epochs x epoch_length, and the *_steps keys below replace their *_epochs keys
+    # (None: epochs x epoch_length).
+    c.optim.total_steps = ml_collections.config_dict.placeholder(int)
+    c.optim.warmup_steps = ml_collections.config_dict.placeholder(int)
+    c.optim.freeze_last_layer_steps = ml_collections.config_dict.placeholder(int)
     c.optim.base_lr = 4e-3
     c.optim.lr_scaling = "sqrt_wrt_1024"  # or "linear_wrt_256" (v1), "none"
     c.optim.min_lr = 1e-6
@@ -106,7 +117,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.prefetch = 2
 
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.shape = (-1, 1)  # -1 fills the remaining devices
+    # FSDP over every device (-1 fills the mesh), like the official run: its FSDP shards the
+    # student, teacher and optimizer state across the whole world (official-dino.md §4.1,
+    # `compute_precision.*.sharding_strategy`). On TPU slices ICI links every chip; on GPU
+    # clusters with slow links between hosts, `(num_hosts, -1)` keeps the FSDP all-gathers inside
+    # a host (hybrid sharding). The batch is split over both axes either way, so the losses do
+    # not depend on the shape.
+    c.mesh.shape = (1, -1)
     c.mesh.axes = ("data", "fsdp")
     # Logical parameter/activation axis -> mesh axes (jax-ecosystem.md §8.3).
     c.mesh.rules = (
@@ -133,9 +150,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.max_steps = ml_collections.config_dict.placeholder(int)
     c.train.max_consecutive_skips = 100  # nan_policy="skip": give up after this many in a row
     c.train.async_checkpoints = True
+    # On an fsdp > 1 mesh, a state array with at least this many elements left replicated (a
+    # missing or non-divisible sharding rule) stops the run before compiling.
+    c.train.assert_sharded_min_size = 2**20
     c.train.knn_batch_size = 256
     c.train.knn_image_size = 224  # eval transform: resize 256/224 * size, center crop `size`
-    c.train.peak_flops = ml_collections.config_dict.placeholder(float)  # per device; None: guess
+    # Peak FLOP/s per device for the logged MFU; None: looked up from the device kind (TPUs,
+    # H100/H200/A100/L4; unknown kinds such as CPUs log no MFU).
+    c.train.peak_flops = ml_collections.config_dict.placeholder(float)
     # JAX persistent compilation cache: a restarted run loads its compiled step from here.
     c.train.compilation_cache_dir = ml_collections.config_dict.placeholder(str)
     c.train.knn_at_start = False  # teacher kNN before the first step too

@@ -32,7 +32,7 @@ from dinojax.train.data import make_pipeline
 from dinojax.train.metrics import MetricsWriter, Throughput, peak_flops_per_device
 from dinojax.train.preemption import PreemptionGuard
 
-__all__ = ["TrainResult", "TrainingDiverged", "backbone_config", "train"]
+__all__ = ["TrainResult", "TrainingDiverged", "backbone_config", "resolve_durations", "train"]
 
 log = logging.getLogger("dinojax.train")
 
@@ -71,6 +71,52 @@ def _total_steps(config: ml_collections.ConfigDict) -> int:
     return int(config.optim.epochs) * int(config.optim.epoch_length)
 
 
+# (key in steps, section, key in epochs): the durations `optim.total_steps` switches to steps.
+_STEP_DURATIONS = (
+    ("warmup_steps", "optim", "warmup_epochs"),
+    ("freeze_last_layer_steps", "optim", "freeze_last_layer_epochs"),
+    ("warmup_teacher_temp_steps", "loss", "warmup_teacher_temp_epochs"),
+)
+
+
+def resolve_durations(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config with every duration in epochs of `optim.epoch_length` iterations, which is
+    what the schedules (dinojax.ssl.optim) read.
+
+    Without `optim.total_steps` the config is returned unchanged. With it, the run is
+    `total_steps` iterations and the other durations are in steps too: `optim.warmup_steps`,
+    `optim.freeze_last_layer_steps`, `loss.warmup_teacher_temp_steps`, each defaulting to its
+    epoch value x `epoch_length` (so a recipe's warm-ups keep their length when only the total
+    changes). They become epochs of one step each, which gives the schedules exactly those
+    lengths: every schedule reaches its final value at `total_steps`.
+    """
+    o = config.optim
+    if o.get("total_steps", None) is None:
+        return config
+    total = int(o.total_steps)
+    if total < 1:
+        raise ValueError(f"optim.total_steps must be >= 1, got {total}")
+    ep = int(o.epoch_length)
+    steps = {}
+    for key, section, epochs_key in _STEP_DURATIONS:
+        given = config[section].get(key, None)
+        steps[key] = int(given) if given is not None else int(config[section][epochs_key]) * ep
+        if not 0 <= steps[key] <= total:
+            raise ValueError(f"{section}.{key} = {steps[key]} must lie in [0, optim.total_steps]")
+    per_epoch = config.loss.get("teacher_temp_per", "step") == "epoch"
+    if per_epoch and steps["warmup_teacher_temp_steps"] > 0:
+        # DINO v1 raises the temperature once per epoch; in steps there is no epoch to step at.
+        raise ValueError(
+            "loss.teacher_temp_per='epoch' warms the teacher temperature up per epoch: with "
+            "optim.total_steps set, use loss.teacher_temp_per='step' or no temperature warm-up"
+        )
+    out = config.copy_and_resolve_references()
+    out.optim.update(epochs=total, epoch_length=1)
+    for key, section, epochs_key in _STEP_DURATIONS:
+        out[section][epochs_key] = steps[key]
+    return out
+
+
 def backbone_config(config: ml_collections.ConfigDict, backbone_params: Any | None = None):
     """The `ViTConfig` of the trained backbone (grid size taken from the pos-embed when given)."""
     from dinojax.models.config import get_config
@@ -101,6 +147,16 @@ def _validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError("optim.epochs x optim.epoch_length must be >= 1")
 
 
+def _labelled(source: Any) -> bool:
+    """Whether a record source carries labels (sources give label -1 when unlabelled)."""
+    labels = getattr(source, "labels", None)
+    if labels is not None:
+        return bool(np.all(np.asarray(labels) >= 0))
+    if hasattr(source, "label_key") and source.label_key is None:  # TFDS without a label feature
+        return False
+    return int(source[0].get("label", -1)) >= 0
+
+
 def _to_float(v: Any) -> float:
     a = np.asarray(v)
     return float(a) if a.size == 1 else float(a.reshape(-1)[0])
@@ -109,10 +165,33 @@ def _to_float(v: Any) -> float:
 class _Knn:
     """Teacher kNN on the config's held-out labelled split (dinojax.eval.knn)."""
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh) -> None:
-        d = config.data
-        self.enabled = bool(d.eval_source) and bool(d.eval_train_source)
+    def __init__(self, config: ml_collections.ConfigDict, mesh, say: Callable[[str], None]):
+        d, t = config.data, config.train
         self.config, self.mesh = config, mesh
+        wanted = bool(t.knn_every) or t.get("knn_at_start", False) or t.get("knn_at_end", False)
+        self.enabled = bool(wanted and d.eval_source and d.eval_train_source)
+        if self.enabled:
+            self.enabled = self._check_data(say)
+
+    def _check_data(self, say: Callable[[str], None]) -> bool:
+        """Open both kNN splits now, before the step compiles: a wrong path fails in seconds
+        instead of at the first periodic evaluation hours later. An unlabelled split cannot be
+        scored: kNN is switched off (with a message), training goes on."""
+        from dinojax.eval.features import resolve_source
+
+        d = self.config.data
+        for key in ("eval_train_source", "eval_source"):
+            try:
+                src = resolve_source(d[key], d.data_dir, f"data.{key}")
+            except (ValueError, OSError) as e:
+                raise ValueError(
+                    f"kNN evaluation cannot read its data: {e} (set train.knn_every=0, "
+                    "train.knn_at_start=False and train.knn_at_end=False to train without it)"
+                ) from None
+            if not _labelled(src):
+                say(f"data.{key} {d[key]!r} has no labels: kNN evaluation is disabled")
+                return False
+        return True
 
     def __call__(self, state: dict) -> dict[str, float]:
         from dinojax.eval.features import model_from_params
@@ -152,6 +231,8 @@ def train(
     from dinojax.sharding import assert_sharded, batch_axes, make_mesh
     from dinojax.ssl import step as ssl_step
 
+    user_config = config
+    config = resolve_durations(config)
     _validate(config)
     workdir = Path(workdir)
     t = config.train
@@ -165,9 +246,16 @@ def train(
         jax.config.update("jax_compilation_cache_dir", str(t.compilation_cache_dir))
     mesh = make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axes), devices)
     rules = tuple(tuple(r) for r in config.mesh.rules)
+
+    def say(text: str) -> None:
+        if is_main:
+            print(text, flush=True)
+
+    knn = _Knn(config, mesh, say)  # before anything is built or compiled: fail fast
     state, shardings = ssl_step.create_train_state(config, mesh)
     if mesh.devices.size > 1 and "fsdp" in mesh.shape and mesh.shape["fsdp"] > 1:
-        assert_sharded(state)  # large parameters really are split over the fsdp axis
+        # Large parameters (and the teacher and Adam moments) really are split over fsdp.
+        assert_sharded(state, int(t.get("assert_sharded_min_size", 2**20)))
 
     ckpt = Checkpointer(
         workdir / "checkpoints", save_every=int(t.checkpoint_every),
@@ -180,7 +268,7 @@ def train(
         del state  # free the fresh state before the restored one lands
         state, data_state, saved = ckpt.restore(latest, target)
         start = int(data_state["step"])
-        _warn_config_changes(saved, _config_json(config))
+        _warn_config_changes(saved, _config_json(user_config))
     pipeline = make_pipeline(config, p_idx, p_cnt, ssl_step.n_batch_shards(config, mesh))
     it = pipeline.device_iterator(mesh, data_axes=batch_axes(mesh, rules), start_step=start)
     if latest is not None:
@@ -219,13 +307,12 @@ def train(
     peak = t.peak_flops or peak_flops_per_device(jax.devices()[0].device_kind)
     meter = Throughput(config.batch_size, flops, mesh.devices.size, peak)
 
-    knn = _Knn(config, mesh)
     knn_results: dict[int, dict[str, float]] = {}
     history: list[dict[str, float]] = []
     skipped: list[int] = []
     consecutive_skips = 0
     last_metrics: dict[str, float] = {}
-    cfg_json = _config_json(config)
+    cfg_json = _config_json(user_config)
 
     def run_knn(n: int) -> None:
         res = knn(state)

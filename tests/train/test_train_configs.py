@@ -37,6 +37,42 @@ def test_every_recipe_builds_full_and_smoke(name):
         assert (c.loss.family, c.loss.centering, c.heads.separate_ibot_head) == (
             full.loss.family, full.loss.centering, full.heads.separate_ibot_head)  # fmt: skip
         assert c.model.overrides.ffn_layer == full.model.overrides.ffn_layer
+        assert tuple(c.mesh.shape) == (1, -1)  # FSDP over every device by default
+
+
+@pytest.mark.parametrize("name", ["dinov2", "dinov2_vitg14"])
+def test_default_mesh_shards_every_large_array(name):
+    """At full size on the default mesh (8 devices: fsdp=8) every state array of 2^20 elements
+    or more (train.assert_sharded_min_size) is split, the teacher and Adam moments included:
+    the trainer's start-up check would pass. Abstract shapes only: nothing is allocated."""
+    import jax
+
+    from dinojax.sharding import make_mesh
+    from dinojax.ssl.step import state_shardings_for
+
+    c = recipe(name)
+    mesh = make_mesh(tuple(c.mesh.shape), tuple(c.mesh.axes))
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 8}
+    shardings = state_shardings_for(c, mesh)
+    sizes = _abstract_sizes(c)
+    large = {k: v for k, v in sizes.items() if v >= c.train.assert_sharded_min_size}
+    flat = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
+    assert {k.split("]")[0] + "]" for k in large} >= {"['student']", "['teacher']", "['opt_state']"}
+    replicated = [k for k in large if flat[k].is_fully_replicated]
+    assert not replicated, replicated
+
+
+def _abstract_sizes(c) -> dict[str, int]:
+    import math
+
+    import jax
+
+    from dinojax.ssl import step
+
+    setup = StepSetup.from_config(c)
+    abstract = jax.eval_shape(lambda k: step._init_state(c, setup, k), jax.random.key(0))
+    return {jax.tree_util.keystr(p): math.prod(x.shape)
+            for p, x in jax.tree_util.tree_leaves_with_path(abstract)}  # fmt: skip
 
 
 def test_official_values():
@@ -53,6 +89,7 @@ def test_official_values():
     assert (g.optim.momentum_teacher, g.optim.weight_decay_end, total_steps(g)) == (
         0.994, 0.2, 625000)  # fmt: skip
     assert (g.data.local_crops_size, s.vit.drop_path_rate) == (98, 0.4)
+    assert g.batch_size == 3072  # 12 per GPU x 256 GPUs (the paper; dinov2#311)
     v1 = recipe("dino_vits16")
     assert (v1.loss.family, v1.optim.param_groups, v1.optim.clip_mode) == (
         "dino", "dino", "per_tensor")  # fmt: skip
@@ -94,3 +131,39 @@ def test_distributed_needs_full_coordinates(monkeypatch):
     with pytest.raises(ValueError, match="needs num_processes and process_id"):
         maybe_initialize("127.0.0.1:1234")
     assert maybe_initialize("127.0.0.1:1234", num_processes=1, process_id=0) is False
+
+
+def test_durations_in_steps():
+    """`optim.total_steps` replaces epochs x epoch_length: every schedule ends at its final value
+    at total_steps, warm-ups are in steps (defaulting to their epochs x epoch_length)."""
+    from dinojax.ssl.optim import make_schedules
+    from dinojax.train.trainer import resolve_durations
+
+    c = recipe("dinov2", "smoke")  # 2 epochs x 4 steps, warm-ups of 1 epoch
+    assert resolve_durations(c) is c  # epochs unless total_steps is set
+    c.optim.total_steps = 10
+    c.optim.warmup_steps = 3
+    r = resolve_durations(c)
+    assert total_steps(r) == 10 and r.optim.warmup_epochs * r.optim.epoch_length == 3
+    # not given in steps: the recipe's 1 epoch x 4 steps
+    assert r.optim.freeze_last_layer_epochs * r.optim.epoch_length == 4
+    assert r.loss.warmup_teacher_temp_epochs * r.optim.epoch_length == 4
+    s = make_schedules(r)
+    at = {i: {k: float(v) for k, v in s(i).items()} for i in (0, 1, 2, 3, 9, 10)}
+    peak = scaled_lr(c)  # official warm-up: linspace(0, peak, 3) over steps 0, 1, 2
+    assert (at[0]["lr"], at[1]["lr"], at[2]["lr"]) == pytest.approx((0.0, peak / 2, peak))
+    assert at[3]["last_layer_lr"] == 0.0 and at[9]["last_layer_lr"] > 0.0
+    assert at[2]["teacher_temp"] < c.loss.teacher_temp == pytest.approx(at[3]["teacher_temp"])
+    assert at[9]["lr"] > c.optim.min_lr and at[9]["momentum"] < 1.0  # still on the cosine
+    assert at[10]["lr"] == pytest.approx(c.optim.min_lr)
+    assert at[10]["wd"] == pytest.approx(c.optim.weight_decay_end)
+    assert at[10]["momentum"] == pytest.approx(c.optim.final_momentum_teacher)
+    c.optim.warmup_steps = 11
+    with pytest.raises(ValueError, match=r"optim.warmup_steps = 11 must lie in \[0, optim.total"):
+        resolve_durations(c)
+    v1 = recipe("dino_vits16", "boosted,smoke")  # teacher temperature warmed up per epoch
+    v1.optim.total_steps = 10
+    with pytest.raises(ValueError, match="teacher_temp_per='epoch' warms"):
+        resolve_durations(v1)
+    v1.loss.teacher_temp_per = "step"
+    assert resolve_durations(v1).loss.warmup_teacher_temp_epochs == v1.optim.epoch_length
