@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,6 +27,7 @@ __all__ = [
     "RecordSource",
     "TfdsSource",
     "make_source",
+    "parse_tfds_spec",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -155,6 +157,16 @@ class TfdsSource:
             if isinstance(feature, tfds.features.Image):
                 decoders = {self.image_key: tfds.decode.SkipDecoding()}
             try:
+                n_split = builder.info.splits[self.split].num_examples
+            except Exception as e:  # noqa: BLE001 - unknown split or malformed slice
+                first_line = (str(e).strip().splitlines() or [""])[0][:300]
+                raise ValueError(
+                    f"TFDS dataset {self.name!r} has no split {self.split!r}: {first_line}"
+                ) from None
+            if n_split == 0:
+                # tfds itself would fail with "Paths sequence can not be of 0 length"
+                raise ValueError(f"TFDS dataset {self.name!r} split {self.split!r} is empty")
+            try:
                 self._source = builder.as_data_source(split=self.split, decoders=decoders)
             except Exception as e:  # noqa: BLE001
                 raise ValueError(
@@ -227,13 +239,37 @@ class DigitsSource:
         return f"DigitsSource(split={self.split!r}, {len(self)} images of {self.size}px)"
 
 
+# NAME[/CONFIG][:VERSION][:SPLIT]. The name and config hold no ':' or '['; a version is digits
+# with up to two '.'-parts (each may be tfds's '*' wildcard); the split is everything after, so
+# slices with colons ('train[:1%]', 'train[10:20]+test') stay whole.
+_TFDS_SPEC = re.compile(
+    r"(?P<name>[^:\[\]]+?(?::(?:\*|\d+(?:\.(?:\d+|\*)){0,2}))?)(?::(?P<split>[^:].*))?"
+)
+
+
+def parse_tfds_spec(spec: str) -> tuple[str, str]:
+    """`NAME[/CONFIG][:VERSION][:SPLIT]` -> (name as `tfds.builder` takes it, split).
+
+    The split defaults to "train" and may be any TFDS split expression, colons included:
+    `imagenet2012:train[:1%]` -> ("imagenet2012", "train[:1%]"),
+    `imagenet2012/subset:5.0.0:validation[10:20]` -> ("imagenet2012/subset:5.0.0", ...).
+    """
+    m = _TFDS_SPEC.fullmatch(spec)
+    if m is None:
+        raise ValueError(
+            f"cannot parse TFDS dataset {spec!r}: expected NAME[/CONFIG][:VERSION][:SPLIT], "
+            "e.g. 'imagenet2012:train[:1%]' or 'imagenet2012/subset:5.0.0:train'"
+        )
+    return m["name"], m["split"] or "train"
+
+
 def make_source(spec: str | RecordSource, data_dir: str | None = None) -> RecordSource:
     """A source from a string.
 
     - `digits`, `digits:train`, `digits:test` - the embedded default;
     - `folder:/path/to/train` (or any existing directory path) - an image folder;
-    - `tfds:NAME[:SPLIT]` - a prepared TFDS dataset (`NAME` may carry `/config:version`), read
-      from `data_dir` (default: TFDS's own default).
+    - `tfds:NAME[:SPLIT]` - a prepared TFDS dataset, read from `data_dir` (default: TFDS's own
+      default); see `parse_tfds_spec` (`tfds:imagenet2012/subset:5.0.0:train[:1%]`).
 
     Anything that is not a string is returned unchanged (an already built source).
     """
@@ -255,10 +291,7 @@ def make_source(spec: str | RecordSource, data_dir: str | None = None) -> Record
     if kind == "tfds":
         if not rest:
             raise ValueError("tfds source needs a name: 'tfds:NAME[:SPLIT]'")
-        name, split = rest, "train"
-        head, _, tail = rest.rpartition(":")
-        if head and not tail.replace(".", "").isdigit():  # 'name:1.0.0' is a version, not a split
-            name, split = head, tail
+        name, split = parse_tfds_spec(rest)
         return TfdsSource(name, split=split, data_dir=data_dir)
     if os.path.sep in spec or Path(spec).exists():
         return ImageFolderSource(spec)

@@ -20,6 +20,7 @@ from dinojax.data.sources import (
     ImageFolderSource,
     TfdsSource,
     make_source,
+    parse_tfds_spec,
 )
 
 
@@ -160,3 +161,71 @@ def test_pipeline_over_tfds_skips_truncated(tfds_dir):
     assert sum(b["n_bad"] for b in batches) == 1
     assert all(b["global_crops"].shape == (8, 28, 28, 3) for b in batches)
     assert set(np.concatenate([b["labels"] for b in batches]).tolist()) <= {0, 1}
+
+
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ("imagenet2012", ("imagenet2012", "train")),
+        ("imagenet2012:train[:1%]", ("imagenet2012", "train[:1%]")),
+        ("imagenet2012:validation[10:20]", ("imagenet2012", "validation[10:20]")),
+        ("imagenet2012:5.0.0", ("imagenet2012:5.0.0", "train")),
+        ("imagenet2012:5.0.0:train[:1%]", ("imagenet2012:5.0.0", "train[:1%]")),
+        ("imagenet2012/subset:5.0.0:validation", ("imagenet2012/subset:5.0.0", "validation")),
+        ("imagenet2012/subset:train[:50%]+test", ("imagenet2012/subset", "train[:50%]+test")),
+        ("mnist:3.*.*:test", ("mnist:3.*.*", "test")),
+    ],
+)
+def test_parse_tfds_spec(spec, expected):
+    assert parse_tfds_spec(spec) == expected
+
+
+def test_parse_tfds_spec_errors():
+    for bad in ("mnist:", ":train", "a::b", "mnist[x]"):
+        with pytest.raises(ValueError, match="cannot parse TFDS dataset"):
+            parse_tfds_spec(bad)
+
+
+def test_tfds_split_slices_versions_and_empty_splits(tfds_dir):
+    n = tfds_builders.DinojaxTinyTensor.N
+    full = make_source("tfds:dinojax_tiny_tensor", data_dir=tfds_dir)
+    half = make_source("tfds:dinojax_tiny_tensor:train[:50%]", data_dir=tfds_dir)
+    assert (half.name, half.split, len(half)) == ("dinojax_tiny_tensor", "train[:50%]", n // 2)
+    sliced = make_source("tfds:dinojax_tiny_tensor:1.0.0:train[2:5]", data_dir=tfds_dir)
+    assert (sliced.name, len(sliced)) == ("dinojax_tiny_tensor:1.0.0", 3)
+    for i in range(3):
+        np.testing.assert_array_equal(sliced[i]["image"], full[2 + i]["image"])
+    assert len(make_source("tfds:dinojax_tiny_tensor:1.0.0", data_dir=tfds_dir)) == n
+    with pytest.raises(ValueError, match=r"split 'train\[5:5\]' is empty"):
+        make_source("tfds:dinojax_tiny_tensor:train[5:5]", data_dir=tfds_dir)
+    with pytest.raises(ValueError, match="has no split 'validation'"):
+        make_source("tfds:dinojax_tiny_tensor:validation", data_dir=tfds_dir)
+
+
+def test_pipeline_skips_records_tfds_cannot_decode(tmp_path):
+    """Records broken below the image codec - not a tf.Example at all, or a feature missing -
+    are skipped and counted like truncated JPEGs."""
+    d = str(tmp_path)
+    tfds_builders.build(tfds_builders.DinojaxTinyCorrupt, d)
+    tfds_builders.corrupt_records(d, "dinojax_tiny_corrupt", {4: "proto", 7: "feature"})
+    src = TfdsSource("dinojax_tiny_corrupt", data_dir=d)
+    for i in (4, 7):
+        with pytest.raises(Exception):  # noqa: B017 - whatever TFDS raises; the pipeline skips it
+            src[i]
+    cfg = DataConfig(
+        source="tfds:dinojax_tiny_corrupt",
+        data_dir=d,
+        batch_size=4,
+        augment=DataConfig().augment.__class__(
+            global_crops_size=28, local_crops_size=14, local_crops_number=2
+        ),
+    )
+    pipe = DinoDataPipeline(config=cfg, process_index=0, process_count=1)
+    it = pipe.host_iterator()
+    batches = [next(it) for _ in range(3)]  # one epoch of 12 records
+    bad_keys = {k for b in batches for k, _ in b["bad"]}
+    assert bad_keys == {"dinojax_tiny_corrupt/train[4]", "dinojax_tiny_corrupt/train[7]"}
+    assert sum(b["n_bad"] for b in batches) >= 2
+    read = set(np.concatenate([b["record_index"] for b in batches]).tolist())
+    assert not read & {4, 7}
+    assert all(b["global_crops"].shape == (8, 28, 28, 3) for b in batches)

@@ -86,3 +86,35 @@ class DinojaxTinyImage(tfds.core.GeneratorBasedBuilder):
 
 def build(builder_cls, data_dir: str) -> None:
     builder_cls(data_dir=data_dir, file_format="array_record").download_and_prepare()
+
+
+class DinojaxTinyCorrupt(DinojaxTinyTensor):
+    """Same records as `DinojaxTinyTensor`; `corrupt_records` then damages some of them."""
+
+
+def corrupt_records(data_dir: str, name: str, damage: dict[int, str]) -> None:
+    """Rewrite a prepared split's array_record shard with records that TFDS cannot decode.
+
+    damage[i] = "proto": record i is not a serialized tf.Example at all (parsing fails);
+    "feature": a valid tf.Example whose image feature is missing (feature decoding fails).
+    """
+    import glob
+
+    from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+
+    (path,) = glob.glob(f"{data_dir}/{name}/*/{name}-train.array_record-*")
+    reader = ArrayRecordReader(path)
+    records = reader.read_all()
+    reader.close()
+    for i, kind in damage.items():
+        if kind == "proto":
+            records[i] = b"\x07garbage, not a tf.Example"
+        elif kind == "feature":
+            assert b"image/value" in records[i]
+            records[i] = records[i].replace(b"image/value", b"image/valuX")
+        else:
+            raise ValueError(kind)
+    writer = ArrayRecordWriter(path, "group_size:1")
+    for r in records:
+        writer.write(r)
+    writer.close()
