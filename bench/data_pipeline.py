@@ -12,6 +12,9 @@ in one process, and mask generation per batch.
 
     python bench/data_pipeline.py --images 160 --repeats 3
 
+A missing official interpreter is an error (exit 2, with how to create it); `--no-official`
+measures dinojax alone and says so loudly. Both sides are pinned to one core (`--cpu`).
+
 Writes one JSON line per measurement and a summary line to bench/results/data_pipeline.jsonl.
 """
 
@@ -216,14 +219,46 @@ def main() -> None:
     p.add_argument("--local-size", type=int, default=98, help="98 matches the H100 anchor")
     p.add_argument("--preset", default="dinov2", choices=["dinov2", "dinov2_documented", "dino_v1"])
     p.add_argument("--batch-size", type=int, default=32, help="for the full host pipeline")
-    p.add_argument("--official-python", default="/work/venv-tv/bin/python")
+    p.add_argument(
+        "--official-python",
+        default=os.environ.get("DINOJAX_TORCHVISION_PYTHON", "/work/venv-tv/bin/python"),
+        help="interpreter with torchvision and the dinov2 package (see the error if missing)",
+    )
+    p.add_argument(
+        "--no-official",
+        action="store_true",
+        help="measure dinojax only (no comparison; the output says so loudly)",
+    )
+    p.add_argument(
+        "--cpu",
+        type=int,
+        default=None,
+        help="core both sides are pinned to (default: the last core this process may use)",
+    )
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "data_pipeline.jsonl"))
     args = p.parse_args()
 
     from dinojax.data.augment import PRESETS
 
     cfg = PRESETS[args.preset](local_crops_size=args.local_size)
-    has_official = Path(args.official_python).exists()
+    has_official = not args.no_official
+    if has_official and not Path(args.official_python).exists():
+        print(
+            f"error: no official-side interpreter at {args.official_python}. The benchmark "
+            "compares with the official torchvision pipeline in the same run; create it with\n"
+            "  python3 -m venv /work/venv-tv && /work/venv-tv/bin/pip install torch torchvision "
+            "numpy pillow && /work/venv-tv/bin/pip install --no-deps dinov2==0.0.1.dev2\n"
+            "or pass --official-python PATH (or set DINOJAX_TORCHVISION_PYTHON), or --no-official "
+            "to measure dinojax alone.",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    if args.no_official:
+        _shout("--no-official: the official torchvision pipeline is NOT measured in this run")
+    # both sides on one core: they alternate, and a pinned process cannot borrow a second core
+    # (the official subprocess inherits the affinity)
+    cpu = args.cpu if args.cpu is not None else max(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cpu})
     common = {
         "bench": "data_pipeline",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -231,6 +266,7 @@ def main() -> None:
         "preset": args.preset,
         "crops": f"2x{cfg.global_crops_size}+{cfg.local_crops_number}x{cfg.local_crops_size}",
         "images": args.images,
+        "pinned_cpu": cpu,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -274,6 +310,8 @@ def main() -> None:
         off_med = statistics.median(official)
         summary["official_crops_per_s_per_core"] = round(off_med, 1)
         summary["ratio"] = round(ours_med / off_med, 2)
+    else:
+        summary["official"] = "not measured (--no-official)"
     summary["host_pipeline_crops_per_s_per_core"] = round(host_rate, 1)
     # cores for the whole host pipeline (grain, masks, collate included), at the step's rate
     crops_per_image = 2 + cfg.local_crops_number
@@ -286,6 +324,13 @@ def main() -> None:
             for name, rate in H100_STEP_RATES.items()
         }
     emit(summary)
+    if args.no_official:
+        _shout("--no-official: no comparison with the official pipeline was made")
+
+
+def _shout(msg: str) -> None:
+    bar = "!" * (len(msg) + 4)
+    print(f"{bar}\n! {msg} !\n{bar}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
