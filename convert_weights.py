@@ -49,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # unwritable DST, disk full, ...: still one line, nothing left behind
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - a converter bug: still one line, and say it is one
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"error: internal error ({type(e).__name__}: {first}); please report it with the "
+              "input that caused it", file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 

@@ -118,16 +118,31 @@ def check_keys(sd: dict[str, np.ndarray], expected: dict[str, tuple], what: str)
     if missing or unexpected or wrong:
         parts = []
         if missing:
-            parts.append(f"missing keys {missing}")
+            want = "; ".join(f"{k}: expected {tuple(expected[k])}" for k in missing)
+            parts.append(f"missing keys [{want}]")
         if unexpected:
-            parts.append(f"unexpected keys {unexpected}")
+            got = "; ".join(f"{k}: got {tuple(np.shape(sd[k]))}" for k in unexpected)
+            parts.append(f"unexpected keys [{got}]")
         if wrong:
             parts.append(f"wrong shapes [{'; '.join(wrong)}]")
         raise ConversionError(f"{what} does not match the architecture: " + ", ".join(parts))
 
 
+def check_values(sd: dict) -> None:
+    """Every value a floating-point array (a backbone has no integer buffers)."""
+    bad = []
+    for k, v in sd.items():
+        if not isinstance(v, np.ndarray):
+            bad.append(f"{k}: {type(v).__name__}, not a tensor")
+        elif v.dtype.kind != "f":
+            bad.append(f"{k}: dtype {v.dtype}")
+    if bad:
+        raise ConversionError(f"backbone values must be floating-point tensors: [{'; '.join(bad)}]")
+
+
 def from_official(sd: dict[str, np.ndarray], cfg: ViTConfig) -> dict:
     """Official flat state dict -> dinojax parameters (strict: errors name every bad key)."""
+    check_values(sd)
     check_keys(sd, expected_official_shapes(cfg), f"state dict for {cfg.name}")
     params: dict = {}
     for path in _abstract_flat(cfg):
@@ -227,7 +242,13 @@ def from_hf(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = 3 if group == "attn.qkv" else 2
         if sorted(slots) != list(range(n)):
             raise ConversionError(f"incomplete {group} projections in HF layer {i} ({leaf})")
-        out[f"blocks.{i}.{group}.{leaf}"] = np.concatenate([slots[j] for j in range(n)], axis=0)
+        pieces = [np.asarray(slots[j]) for j in range(n)]
+        if len({p.shape for p in pieces}) != 1:
+            raise ConversionError(
+                f"{group} projections in HF layer {i} ({leaf}) have different shapes: "
+                f"{[p.shape for p in pieces]}"
+            )
+        out[f"blocks.{i}.{group}.{leaf}"] = np.concatenate(pieces, axis=0)
     return out
 
 
@@ -286,64 +307,99 @@ def detect_config(sd: dict[str, np.ndarray], arch: str | None = None) -> ViTConf
     Detected from the tensors (width, depth, patch, registers, FFN type, LayerScale, mask token,
     pos-embed grid). Heads are not visible in the weights: every official model uses head dim 64.
     `arch` (an official name) forces the architecture; the pos-embed grid still comes from the
-    weights. The result is checked strictly by `from_official`.
+    weights. The result is checked strictly by `from_official`; anything that makes detection
+    itself impossible is a `ConversionError` naming the key.
     """
+    check_values(sd)
     for key in ("cls_token", "pos_embed", "patch_embed.proj.weight"):
         if key not in sd:
             raise ConversionError(f"not a DINO/DINOv2 backbone state dict: no {key!r} key")
-    d = int(sd["cls_token"].shape[-1])
-    n_pos = int(sd["pos_embed"].shape[1]) - 1
-    p = int(sd["patch_embed.proj.weight"].shape[-1])
-    m = math.isqrt(n_pos)
-    if m * m != n_pos:
+    d = _dim(sd, "cls_token", (1, 1, None), "(1, 1, embed_dim)")[2]
+    n_pos = _dim(sd, "pos_embed", (1, None, d), f"(1, 1 + grid**2, {d})")[1] - 1
+    p = _dim(sd, "patch_embed.proj.weight", (d, 3, None, None), f"({d}, 3, patch, patch)")[3]
+    m = math.isqrt(max(n_pos, 0))
+    if n_pos <= 0 or m * m != n_pos:
         raise ConversionError(f"pos_embed has {n_pos} patch positions, not a square grid")
     if arch is not None:
         try:
             return get_config(arch, img_size=m * p)
         except ValueError as e:
             raise ConversionError(str(e)) from e
-    idx = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.")}
-    depth = max(idx) + 1 if idx else 0
+    # Keys under `blocks.` without an index (`blocks.extra`) are left to from_official, which
+    # names them as unexpected together with every other problem.
+    idx = {int(mt.group(1)) for k in sd if (mt := _BLOCK_INDEX.match(k))}
+    if not idx:
+        raise ConversionError("no transformer blocks: the state dict has no 'blocks.{i}.*' keys")
+    depth = max(idx) + 1
     if sorted(idx) != list(range(depth)):
         raise ConversionError(f"block indices are not contiguous: {sorted(idx)}")
-    regs = int(sd["register_tokens"].shape[1]) if "register_tokens" in sd else 0
+    regs = 0
+    if "register_tokens" in sd:
+        regs = _dim(sd, "register_tokens", (1, None, d), f"(1, num_registers, {d})")[1]
     swiglu = "blocks.0.mlp.w12.weight" in sd
     has_ls = "blocks.0.ls1.gamma" in sd
     v2 = "mask_token" in sd
-    if swiglu:
-        hidden_w = int(sd["blocks.0.mlp.w3.weight"].shape[1])
-        mlp_ratio = _swiglu_ratio(d, hidden_w)
-    else:
-        hidden_w = int(sd["blocks.0.mlp.fc1.weight"].shape[0]) if depth else 4 * d
-        mlp_ratio = hidden_w / d
+    if not v2 and (regs or has_ls):
+        # ViTConfig refuses this combination; say which keys make the state dict inconsistent.
+        what = " and ".join(
+            w for w, on in (("register_tokens", regs), ("LayerScale (ls1.gamma)", has_ls)) if on
+        )
+        raise ConversionError(
+            f"state dict has {what} but no mask_token: DINOv2 backbones have a mask_token and "
+            "DINO v1 backbones have neither registers nor LayerScale"
+        )
+    # Without the FFN key that carries the hidden size, assume ratio 4 and let from_official name
+    # every missing key with its expected shape.
+    mlp_ratio = 4.0
+    if swiglu and "blocks.0.mlp.w3.weight" in sd:
+        mlp_ratio = _swiglu_ratio(d, _dim(sd, "blocks.0.mlp.w3.weight", (d, None), f"({d}, h)")[1])
+    elif not swiglu and "blocks.0.mlp.fc1.weight" in sd:
+        mlp_ratio = _dim(sd, "blocks.0.mlp.fc1.weight", (None, d), f"(hidden, {d})")[0] / d
     if d % 64:
         raise ConversionError(
             f"embed dim {d} is not a multiple of 64: cannot infer the head count; pass --arch"
         )
-    cfg = ViTConfig(
-        name="custom",
-        family="dinov2" if v2 else "dino",
-        patch_size=p,
-        embed_dim=d,
-        depth=depth,
-        num_heads=d // 64,
-        mlp_ratio=mlp_ratio,
-        ffn_layer="swiglu" if swiglu else "mlp",
-        img_size=m * p,
-        num_register_tokens=regs,
-        layerscale_init=1.0 if has_ls else None,
-        interpolate_offset=0.0 if regs else 0.1,
-        interpolate_antialias=bool(regs),
-        qkv_bias="blocks.0.attn.qkv.bias" in sd or depth == 0,
-        proj_bias="blocks.0.attn.proj.bias" in sd or depth == 0,
-        ffn_bias=any(k.startswith("blocks.0.mlp.") and k.endswith(".bias") for k in sd)
-        or depth == 0,
-    )
+    try:
+        cfg = ViTConfig(
+            name="custom",
+            family="dinov2" if v2 else "dino",
+            patch_size=p,
+            embed_dim=d,
+            depth=depth,
+            num_heads=d // 64,
+            mlp_ratio=mlp_ratio,
+            ffn_layer="swiglu" if swiglu else "mlp",
+            img_size=m * p,
+            num_register_tokens=regs,
+            layerscale_init=1.0 if has_ls else None,
+            interpolate_offset=0.0 if regs else 0.1,
+            interpolate_antialias=bool(regs),
+            qkv_bias="blocks.0.attn.qkv.bias" in sd,
+            proj_bias="blocks.0.attn.proj.bias" in sd,
+            ffn_bias=any(k.startswith("blocks.0.mlp.") and k.endswith(".bias") for k in sd),
+            # §1.7: v1 stochastic depth is linspace(0, rate, depth); v2 recipes use uniform.
+            drop_path_uniform=v2,
+        )
+    except ValueError as e:  # any combination ViTConfig refuses that the checks above missed
+        raise ConversionError(f"inconsistent backbone state dict: {e}") from e
     # Name it after the official architecture it is (ignoring the pos-embed grid size).
     for name, official in ARCHITECTURES.items():
         if official.replace(img_size=cfg.img_size, name="custom") == cfg:
             return cfg.replace(name=name)
     return cfg
+
+
+_BLOCK_INDEX = re.compile(r"^blocks\.(\d+)\.")
+
+
+def _dim(sd: dict, key: str, pattern: tuple, expected: str) -> tuple[int, ...]:
+    """sd[key].shape, checked against `pattern` (None = any positive size)."""
+    shape = tuple(int(s) for s in sd[key].shape)
+    if len(shape) != len(pattern) or any(
+        s <= 0 if want is None else s != want for s, want in zip(shape, pattern)
+    ):
+        raise ConversionError(f"{key}: got shape {shape}, expected {expected}")
+    return shape
 
 
 def _swiglu_ratio(d: int, hidden: int) -> float:

@@ -82,7 +82,10 @@ def split_checkpoint(obj: dict, which: str = "teacher") -> tuple[str, dict, dict
         return ("dino_v1" if v1 else "teacher"), backbone, heads, extras
     flat = {k: v for k, v in obj.items() if isinstance(v, np.ndarray)}
     if len(flat) != len(obj):
-        raise ConversionError("state dict holds non-tensor values: not a backbone checkpoint")
+        bad = sorted(f"{k}: {type(v).__name__}" for k, v in obj.items() if k not in flat)
+        raise ConversionError(
+            f"state dict holds non-tensor values [{'; '.join(bad)}]: not a backbone checkpoint"
+        )
     if is_hf(flat):
         return "hf", from_hf(flat), {}, {}
     return "hub", dechunk(_unwrap(flat)), {}, {}
@@ -203,9 +206,22 @@ def read_meta(path: str | os.PathLike) -> dict:
     meta_file = path / META
     if not meta_file.is_file():
         raise ConversionError(f"{path} is not a dinojax checkpoint directory (no {META})")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != "dinojax" or meta.get("version", 0) > FORMAT_VERSION:
-        raise ConversionError(f"{path}: unsupported checkpoint format {meta.get('version')}")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ConversionError(f"{meta_file} is not valid JSON ({_brief(e)})") from e
+    if not isinstance(meta, dict) or meta.get("format") != "dinojax":
+        raise ConversionError(f"{meta_file} does not describe a dinojax checkpoint")
+    version = meta.get("version", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ConversionError(f"{path}: unsupported checkpoint format version {version!r}")
+    if not isinstance(meta.get("arch"), dict) or not isinstance(meta.get("heads", {}), dict):
+        raise ConversionError(f"{meta_file}: no architecture ('arch') recorded")
+    try:
+        ViTConfig.from_dict(meta["arch"])
+    except (TypeError, ValueError) as e:
+        raise ConversionError(f"{meta_file}: invalid architecture ({e})") from e
+    meta.setdefault("heads", {})
     return meta
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from reference import small_config
 
-from dinojax.convert.backbone import expected_official_shapes
+from dinojax.convert.backbone import expected_official_shapes, to_hf
 from dinojax.convert.checkpoint import save_model
 from dinojax.models.vit import create_model
 
@@ -66,7 +66,8 @@ def test_missing_unexpected_and_wrong_shape_keys_are_all_named(tmp_path, capsys)
     torch.save(sd, tmp_path / "bad.pth")
     before = set(os.listdir(tmp_path))
     line = _run(capsys, tmp_path / "bad.pth", tmp_path / "out")
-    for want in ("blocks.1.mlp.fc2.bias", "norm.weight", "head.weight",
+    for want in ("blocks.1.mlp.fc2.bias: expected (128,)", "norm.weight: expected (128,)",
+                 "head.weight: got (3,)",
                  "blocks.0.attn.qkv.weight: got (384, 100), expected (384, 128)",
                  "blocks.1.ls1.gamma: got (7,), expected (128,)"):  # fmt: skip
         assert want in line, (want, line)
@@ -214,3 +215,117 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
     assert lines[-1].startswith("error: ") and "junk.pth is not a readable" in lines[-1]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _hf_sd() -> dict[str, torch.Tensor]:
+    sd = {k: v.numpy() for k, v in _official_sd().items()}
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in to_hf(sd).items()}
+
+
+def _without(sd, *prefixes):
+    return {k: v for k, v in sd.items() if not k.startswith(prefixes)}
+
+
+def _v1_with_registers():
+    sd = _without(_official_sd(), "mask_token", "blocks.0.ls", "blocks.1.ls")
+    return {**sd, "register_tokens": torch.zeros(1, 4, 128)}
+
+
+def _v1_with_layerscale():
+    return _without(_official_sd(), "mask_token")
+
+
+def _renumbered_block():
+    return {k.replace("blocks.1.", "blocks.2."): v for k, v in _official_sd().items()}
+
+
+def _rectangular_pos_embed():
+    return {**_official_sd(), "pos_embed": torch.zeros(1, 1 + 4 * 5, 128)}
+
+
+# Malformed state dicts: each must give one `error:` line naming the problem (never a traceback
+# from deep inside detection) and leave nothing behind.
+MALFORMED = {
+    "v1_with_registers": (_v1_with_registers, ".pth",
+                          ["register_tokens", "no mask_token"]),
+    "v1_with_layerscale": (_v1_with_layerscale, ".pth",
+                           ["LayerScale (ls1.gamma)", "no mask_token"]),
+    "stray_blocks_key": (lambda: {**_official_sd(), "blocks.extra": torch.zeros(3)}, ".pth",
+                         ["unexpected keys [blocks.extra: got (3,)]"]),
+    "no_blocks": (lambda: _without(_official_sd(), "blocks."), ".pth",
+                  ["no transformer blocks", "'blocks.{i}.*'"]),
+    "non_contiguous_blocks": (_renumbered_block, ".pth", ["not contiguous: [0, 2]"]),
+    "rectangular_pos_embed": (_rectangular_pos_embed, ".pth",
+                              ["pos_embed has 20 patch positions, not a square grid"]),
+    "bad_cls_rank": (lambda: {**_official_sd(), "cls_token": torch.zeros(128)}, ".pth",
+                     ["cls_token: got shape (128,), expected (1, 1, embed_dim)"]),
+    "no_fc1": (lambda: _without(_official_sd(), "blocks.0.mlp.fc1."), ".pth",
+               ["missing keys", "blocks.0.mlp.fc1.weight: expected (512, 128)"]),
+    "non_tensor_value": (lambda: {**_official_sd(), "epoch": 3}, ".pth",
+                         ["non-tensor values [epoch: int]"]),
+    "integer_tensor": (lambda: {**_official_sd(), "norm.bias": torch.zeros(128, dtype=torch.long)},
+                       ".pth", ["floating-point", "norm.bias: dtype int64"]),
+    "hf_unknown_key": (lambda: {**_hf_sd(), "encoder.layer.0.attention.rope.weight":
+                                torch.zeros(2)}, ".safetensors",
+                       ["unknown Hugging Face DINOv2 keys",
+                        "encoder.layer.0.attention.rope.weight"]),
+    "hf_not_a_layer_key": (lambda: {**_hf_sd(), "pooler.dense.weight": torch.zeros(2)},
+                           ".safetensors", ["unknown Hugging Face", "pooler.dense.weight"]),
+    "hf_missing_k_proj": (lambda: _without(_hf_sd(), "encoder.layer.1.attention.k_proj.weight"),
+                          ".safetensors",
+                          ["incomplete attn.qkv projections in HF layer 1 (weight)"]),
+    "hf_mismatched_v_proj": (lambda: {**_hf_sd(), "encoder.layer.0.attention.v_proj.bias":
+                                      torch.zeros(64)}, ".safetensors",
+                             ["attn.qkv projections in HF layer 0 (bias) have different shapes"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_state_dicts(tmp_path, capsys, case):
+    from safetensors.torch import save_file
+
+    make, suffix, wants = MALFORMED[case]
+    src = tmp_path / f"{case}{suffix}"
+    sd = make()
+    torch.save(sd, src) if suffix == ".pth" else save_file(sd, str(src))
+    before = set(os.listdir(tmp_path))
+    line = _run(capsys, src, tmp_path / "out")
+    assert "internal error" not in line, line
+    for want in wants:
+        assert want in line, (want, line)
+    _nothing_written(tmp_path, before)
+
+
+def test_unexpected_exception_is_one_line(tmp_path, src, capsys, monkeypatch):
+    """The CLI's last resort: a converter bug still gives one `error:` line, marked as a bug,
+    and the atomic write leaves nothing behind."""
+    import dinojax.convert.checkpoint as ckpt
+
+    def boom(sd, cfg):
+        raise RuntimeError("simulated bug\nsecond line")
+
+    monkeypatch.setattr(ckpt, "from_official", boom)
+    before = set(os.listdir(tmp_path))
+    code = convert_weights.main([str(src), str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith("error: internal error (RuntimeError: simulated bug)"), err
+    _nothing_written(tmp_path, before)
+
+
+@pytest.mark.parametrize(
+    "meta,want",
+    [
+        ("{not json", "is not valid JSON"),
+        ('{"format": "other"}', "does not describe a dinojax checkpoint"),
+        ('{"format": "dinojax", "version": 1}', "no architecture ('arch') recorded"),
+        ('{"format": "dinojax", "version": 1, "arch": {"family": "v3"}}', "invalid architecture"),
+    ],
+)
+def test_corrupt_dinojax_json(tmp_path, capsys, meta, want):
+    save_model(tmp_path / "ckpt", create_model(small_config(depth=1)))
+    (tmp_path / "ckpt" / "dinojax.json").write_text(meta)
+    before = set(os.listdir(tmp_path))
+    line = _run(capsys, tmp_path / "ckpt", tmp_path / "out.pth")
+    assert want in line and "internal error" not in line, line
+    _nothing_written(tmp_path, before)
