@@ -41,6 +41,7 @@ class ViTConfig:
     ffn_bias: bool = True
     layernorm_eps: float = 1e-6
     drop_path_rate: float = 0.0
+    # True: drop_path_rate in every block (v2 recipes); False: linspace(0, rate, depth) (v1).
     drop_path_uniform: bool = True
     # Numerics and performance (not part of the architecture: never stored as "different arch").
     dtype: str = "float32"
@@ -144,6 +145,9 @@ def _v1(size: str, patch: int) -> ViTConfig:
         num_heads=heads,
         img_size=224,
         layerscale_init=None,
+        # official-dino.md §1.7: DINO v1 uses the stochastic depth decay rule,
+        # linspace(0, drop_path_rate, depth); v2 training recipes use the same rate everywhere.
+        drop_path_uniform=False,
     )
 
 

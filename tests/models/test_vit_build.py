@@ -87,6 +87,59 @@ def test_overrides():
         dinojax.create_model("dinov2_vitx14")
 
 
+@pytest.mark.parametrize("name", ["dino_vits16", "dino_vits8", "dino_vitb16", "dino_vitb8"])
+def test_dino_v1_uses_the_stochastic_depth_decay_rule(name):
+    """DINO v1 (§1.7): `dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]`;
+    DINOv2 hub configs keep one rate everywhere (the recipes' drop_path_uniform: true)."""
+    import torch
+
+    cfg = get_config(name, drop_path_rate=0.1)
+    want = [x.item() for x in torch.linspace(0, 0.1, cfg.depth)]
+    np.testing.assert_allclose(drop_path_rates(cfg), want, rtol=0, atol=1e-8)
+    assert drop_path_rates(get_config("dinov2_vits14", drop_path_rate=0.1)) == [0.1] * 12
+
+
+def test_dino_v1_linspace_rates_reach_the_blocks():
+    """Training a 2-block v1 model at rate 0.5: block 0 gets rate 0 (never dropped), block 1 gets
+    0.5 (per-sample): every sample's output is block 1 applied to the deterministic block-0
+    output with each residual branch either kept (x2) or dropped."""
+    cfg = small_config(depth=2, family="dino", layerscale_init=None, drop_path_uniform=False,
+                       drop_path_rate=0.5)  # fmt: skip
+    model = dinojax.create_model(cfg, seed=1)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((6, 28, 28, 3), np.float32))
+    p = model.params()
+    blk = [jax.tree.map(lambda a, i=i: a[i], p["blocks"]) for i in range(2)]
+    eps = cfg.layernorm_eps
+
+    @jax.jit
+    def outcomes(x):
+        y0 = block_forward(blk[0], model.prepare_tokens(p, x), cfg)  # rate 0: never dropped
+        q = blk[1]
+
+        def attn(y):
+            return _attention(q["attn"], layer_norm(q["norm1"], y, eps), cfg, y.dtype)
+
+        def ffn(y):
+            return _ffn(q["mlp"], layer_norm(q["norm2"], y, eps), cfg, y.dtype)
+
+        res = []
+        for ka in (0.0, 2.0):
+            y = y0 + ka * attn(y0)
+            res += [y, y + 2.0 * ffn(y)]
+        return jnp.stack(res)  # (4, B, N, D)
+
+    with jax.default_matmul_precision("highest"):
+        cands = np.asarray(outcomes(x))
+        train = jax.jit(lambda m, v, k: m.forward_features(v, key=k)["x_prenorm"])
+        seen = set()
+        for seed in range(4):
+            out = np.asarray(train(model, x, jax.random.key(seed)))
+            err = np.abs(cands - out[None]).max(axis=(2, 3))  # (4 outcomes, B)
+            assert np.all(err.min(axis=0) <= 1e-5), err
+            seen.update(int(c) for c in err.argmin(axis=0))
+    assert len(seen) > 1  # block 1 really drops (and keeps) branches
+
+
 def test_remat_policies_give_identical_outputs_and_gradients():
     """Remat only decides what the backward pass recomputes: outputs, loss and gradients agree
     to float32 rounding (XLA fuses the recomputation differently; measured <= 4e-7 relative).
