@@ -384,6 +384,10 @@ class MultiCropAugmentation:
 
     def __init__(self, config: AugmentConfig | None = None) -> None:
         self.config = config or AugmentConfig()
+        # Set to a list to record, per crop produced, the random decisions and parameters
+        # (box, flip, jitter order and factors, grayscale, blur sigma, solarise): what the tests
+        # replay and count to check the probabilities on the crops themselves.
+        self.trace: list[dict[str, Any]] | None = None
         self._norm_lut = normalize_lut(self.config.mean, self.config.std)
         b, c, s, h = self.config.color_jitter
         self._jitter_ranges = [(max(0.0, 1 - x), 1 + x) for x in (b, c, s)] + [(-h, h)]
@@ -402,13 +406,15 @@ class MultiCropAugmentation:
         top, left, h, w = random_resized_crop_params(rng, img.height, img.width, scale, c.ratio)
         a = resized_crop(img, top, left, h, w, size)
         u = rng.random(6)
+        t: dict[str, Any] = {"size": size, "box": (top, left, h, w), "jitter": None}
         if u[0] < c.flip_p:
             a = cv2.flip(a, 1)
         if u[1] < c.color_jitter_p:
-            a = self._color_jitter(a, rng)
+            a = self._color_jitter(a, rng, t)
         if u[2] < c.grayscale_p:
             g = to_grayscale(a)
             a = cv2.merge((g, g, g))
+        sigma = None
         if u[3] < blur_p:
             sigma = float(c.blur_sigma[0] + (c.blur_sigma[1] - c.blur_sigma[0]) * u[4])
             if c.blur_impl == "torchvision":
@@ -417,18 +423,27 @@ class MultiCropAugmentation:
                 a = pil_gaussian_blur(a, sigma)
         if u[5] < solarize_p:
             a = solarize(a, c.solarize_threshold)
+        if self.trace is not None:
+            t.update(flip=bool(u[0] < c.flip_p), grayscale=bool(u[2] < c.grayscale_p))
+            t.update(blur_sigma=sigma, solarize=bool(u[5] < solarize_p))
+            self.trace.append(t)
         return a
 
-    def _color_jitter(self, a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def _color_jitter(
+        self, a: np.ndarray, rng: np.random.Generator, trace: dict[str, Any]
+    ) -> np.ndarray:
         u = rng.random(4)
         # torchvision ColorJitter: factors ~ U(max(0, 1 - x), 1 + x), hue ~ U(-h, h), applied in
         # a random order
         factors = [lo + (hi - lo) * u[i] for i, (lo, hi) in enumerate(self._jitter_ranges)]
+        order = []
         for op in rng.permutation(4):
             lo, hi = self._jitter_ranges[op]
             if lo == hi:
                 continue  # a zero jitter strength is skipped, as torchvision does
             a = _JITTER_OPS[op](a, factors[op])
+            order.append(int(op))
+        trace["jitter"] = {"order": order, "factors": factors}
         return a
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> dict[str, np.ndarray]:

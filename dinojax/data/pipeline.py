@@ -580,6 +580,11 @@ class DinoDataIterator:
     def step(self) -> int:
         return self._step
 
+    @property
+    def ready_batches(self) -> int:
+        """Batches already on the devices, waiting for `next` (at most `config.prefetch`)."""
+        return self._queue.qsize()
+
     # -- iteration ------------------------------------------------------------------------------
     def _start(self) -> None:
         self._queue: queue.Queue = queue.Queue(maxsize=self.pipeline.config.prefetch)

@@ -496,3 +496,88 @@ def test_decode_matches_pil_convert_rgb(photo):
         np.testing.assert_array_equal(np.asarray(decode_image(opened)), expected, err_msg=name)
     # alpha really is dropped: a fully transparent pixel keeps its colour
     np.testing.assert_array_equal(np.asarray(decode_image(_encode(rgba, "PNG"))), photo[:40, :56])
+
+
+def _replay(img: Image.Image, t: dict, cfg: AugmentConfig, order=None) -> np.ndarray:
+    """Rebuild one crop from its trace with the public ops (order: override the jitter order)."""
+    a = resized_crop(img, *t["box"], t["size"])
+    if t["flip"]:
+        a = np.ascontiguousarray(a[:, ::-1])
+    if t["jitter"] is not None:
+        ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+        for op in t["jitter"]["order"] if order is None else order:
+            a = ops[op](a, t["jitter"]["factors"][op])
+    if t["grayscale"]:
+        a = np.repeat(to_grayscale(a)[..., None], 3, axis=2)
+    if t["blur_sigma"] is not None:
+        a = gaussian_blur(a, t["blur_sigma"], cfg.blur_kernel_size)
+    if t["solarize"]:
+        a = solarize(a, cfg.solarize_threshold)
+    return a
+
+
+def _traced_crops(photo: np.ndarray, cfg: AugmentConfig, n_images: int, seed: int):
+    """Per image: the crops produced and the trace of each (2 globals, then the locals)."""
+    img = Image.fromarray(photo)
+    aug = MultiCropAugmentation(cfg)
+    aug.trace = []
+    out = []
+    for i in range(n_images):
+        crops = aug(img, np.random.default_rng([seed, i]))
+        n = 2 + cfg.local_crops_number
+        traces, aug.trace = aug.trace, []
+        assert len(traces) == n
+        out.append(([*crops["global_crops"], *crops["local_crops"]], traces))
+    return img, out
+
+
+def _assert_rate(hits, p: float, what: str) -> None:
+    """Observed frequency within 5 binomial standard deviations of p (exact when p is 0 or 1)."""
+    hits = np.asarray(hits, dtype=bool)
+    sd = math.sqrt(p * (1 - p) / hits.size)
+    assert abs(hits.mean() - p) <= 5 * sd, f"{what}: {hits.mean():.4f} vs p={p} (n={hits.size})"
+
+
+@pytest.mark.parametrize("preset", ["dinov2", "dinov2_documented"])
+def test_augmentation_probabilities_on_produced_crops(photo, preset):
+    """Colour jitter p=0.8 in a random order of its 4 ops, blur per crop as the preset says
+    (released (0, 0.9, 0.5), documented (1, 0.1, 0.5)), solarisation only on global crop 2
+    with p=0.2, grayscale 0.2, flip 0.5: counted on traced crops, each trace first checked to
+    rebuild its crop exactly."""
+    from dinojax.data.augment import PRESETS
+
+    cfg = PRESETS[preset](global_crops_size=32, local_crops_size=16, local_crops_number=4)
+    img, images = _traced_crops(photo, cfg, 700, seed=0 if preset == "dinov2" else 1)
+    order_matters = 0
+    for crops, traces in images[:40]:  # the traces describe the crops actually produced
+        for crop, t in zip(crops, traces):
+            np.testing.assert_array_equal(crop, _replay(img, t, cfg))
+            if t["jitter"] is not None and t["jitter"]["order"] != [0, 1, 2, 3]:
+                order_matters += not np.array_equal(crop, _replay(img, t, cfg, [0, 1, 2, 3]))
+    assert order_matters > 20  # a different order gives different pixels
+    traces = [t for _, ts in images for t in ts]
+    g1, g2 = [ts[0] for _, ts in images], [ts[1] for _, ts in images]
+    local = [t for _, ts in images for t in ts[2:]]
+    _assert_rate([t["jitter"] is not None for t in traces], 0.8, "colour jitter")
+    orders = [tuple(t["jitter"]["order"]) for t in traces if t["jitter"] is not None]
+    counts = {o: orders.count(o) for o in set(orders)}
+    assert len(counts) == 24 and all(sorted(o) == [0, 1, 2, 3] for o in counts)
+    for o in counts:  # each of the 24 orders equally likely
+        _assert_rate([x == o for x in orders], 1 / 24, f"jitter order {o}")
+    b1, b2, bl = cfg.blur_p
+    _assert_rate([t["blur_sigma"] is not None for t in g1], b1, "blur, global crop 1")
+    _assert_rate([t["blur_sigma"] is not None for t in g2], b2, "blur, global crop 2")
+    _assert_rate([t["blur_sigma"] is not None for t in local], bl, "blur, local crops")
+    sigmas = [t["blur_sigma"] for t in traces if t["blur_sigma"] is not None]
+    assert min(sigmas) >= 0.1 and max(sigmas) <= 2.0
+    assert stats.kstest(sigmas, stats.uniform(0.1, 1.9).cdf).pvalue > 1e-4
+    _assert_rate([t["solarize"] for t in g1], 0.0, "solarise, global crop 1")
+    _assert_rate([t["solarize"] for t in g2], 0.2, "solarise, global crop 2")
+    _assert_rate([t["solarize"] for t in local], 0.0, "solarise, local crops")
+    _assert_rate([t["grayscale"] for t in traces], 0.2, "grayscale")
+    _assert_rate([t["flip"] for t in traces], 0.5, "flip")
+    # without tracing the same seeds give the same crops (the hook changes nothing)
+    plain = MultiCropAugmentation(cfg)(
+        img, np.random.default_rng([0 if preset == "dinov2" else 1, 3])
+    )
+    np.testing.assert_array_equal(plain["global_crops"], np.stack(images[3][0][:2]))

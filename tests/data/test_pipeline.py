@@ -415,3 +415,26 @@ def test_replacement_positions_stay_in_own_slots(n_records, b, n_proc):
                     g2 = lo + pos2
                     assert 0 <= pos2 < n_records and (g2 % B) // b == p
                     assert (g2 // B != step) == own_elsewhere
+
+
+def test_prefetch_prepares_batches_ahead():
+    """Without any `next`, the background thread fills the queue to `prefetch` batches (and no
+    further); after one `next` it refills. Waits on the queue, asserts no timings."""
+    import time
+
+    def wait_for(it, n: int) -> None:
+        deadline = time.monotonic() + 120  # only a hang fails; a slow machine just waits
+        while it.ready_batches < n:
+            assert time.monotonic() < deadline, f"{it.ready_batches} of {n} batches ready"
+            time.sleep(0.05)
+
+    with _pipe(batch_size=8, seed=4, prefetch=3).device_iterator() as it:
+        wait_for(it, 3)
+        assert it.step == 0 and it.stats["batches"] == 0  # nothing handed out yet
+        time.sleep(0.3)
+        assert it.ready_batches == 3  # bounded by prefetch
+        first = next(it)
+        wait_for(it, 3)  # refilled behind the consumer
+        assert it.step == 1
+    ref = _take(_pipe(batch_size=8, seed=4), 1)[0]
+    np.testing.assert_array_equal(np.asarray(first["global_crops"]), ref["global_crops"])
