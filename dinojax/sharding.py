@@ -189,5 +189,7 @@ def assert_sharded(state: Any, min_size: int = 2**20) -> None:
             bad.append(f"{jax.tree_util.keystr(path)} {tuple(x.shape)}")
     if bad:
         raise AssertionError(
-            f"{len(bad)} large arrays (>= {min_size} elements) are replicated: " + ", ".join(bad)
+            f"{len(bad)} large arrays (>= {min_size} elements) are replicated on every device "
+            "instead of sharded (a missing or non-divisible rule in config.mesh.rules; the "
+            "threshold is train.assert_sharded_min_size): " + ", ".join(bad)
         )

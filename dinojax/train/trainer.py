@@ -102,7 +102,10 @@ def resolve_durations(config: ml_collections.ConfigDict) -> ml_collections.Confi
         given = config[section].get(key, None)
         steps[key] = int(given) if given is not None else int(config[section][epochs_key]) * ep
         if not 0 <= steps[key] <= total:
-            raise ValueError(f"{section}.{key} = {steps[key]} must lie in [0, optim.total_steps]")
+            why = "" if given is not None else f" ({section}.{epochs_key} x optim.epoch_length)"
+            raise ValueError(
+                f"{section}.{key} = {steps[key]}{why} must lie in [0, optim.total_steps = {total}]"
+            )
     per_epoch = config.loss.get("teacher_temp_per", "step") == "epoch"
     if per_epoch and steps["warmup_teacher_temp_steps"] > 0:
         # DINO v1 raises the temperature once per epoch; in steps there is no epoch to step at.

@@ -161,6 +161,9 @@ def test_durations_in_steps():
     c.optim.warmup_steps = 11
     with pytest.raises(ValueError, match=r"optim.warmup_steps = 11 must lie in \[0, optim.total"):
         resolve_durations(c)
+    c.optim.update(warmup_steps=None, total_steps=3)
+    with pytest.raises(ValueError, match=r"warmup_steps = 4 \(optim.warmup_epochs x optim.epoch"):
+        resolve_durations(c)
     v1 = recipe("dino_vits16", "boosted,smoke")  # teacher temperature warmed up per epoch
     v1.optim.total_steps = 10
     with pytest.raises(ValueError, match="teacher_temp_per='epoch' warms"):

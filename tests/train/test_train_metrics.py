@@ -62,6 +62,9 @@ def test_throughput_and_mfu():
     assert m["tflops_per_device"] == pytest.approx(2 / 4 / dt)
     assert m["mfu"] == pytest.approx(0.5 / dt)
     assert t.measure() == {}  # nothing since the last measure
+    t = Throughput(global_batch=64, flops_per_step=2e12, num_devices=4, peak_flops=None)
+    t.tick()
+    assert "tflops_per_device" in t.measure() and "mfu" not in t.measure()  # no peak: no MFU
     assert peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops_per_device("TPU v5p") == 459e12
     assert peak_flops_per_device("cpu") is None

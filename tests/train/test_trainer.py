@@ -4,6 +4,9 @@ handling (stop and skip)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import logging
 import os
 import signal
@@ -15,8 +18,9 @@ import pytest
 from train_configs import tiny_config
 
 from dinojax.data.pipeline import DinoDataIterator
+from dinojax.ssl.optim import make_schedules
 from dinojax.train.checkpoint import Checkpointer
-from dinojax.train.trainer import TrainingDiverged, train
+from dinojax.train.trainer import TrainingDiverged, resolve_durations, train
 
 LOSS_KEYS = ("loss", "dino_global_loss", "dino_local_loss", "ibot_loss", "koleo_loss")
 
@@ -60,23 +64,34 @@ def compilation_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """8 uninterrupted steps on a (2, 4) mesh, compilations counted."""
+    """8 uninterrupted steps on a (2, 4) mesh, compilations counted. The progress bar is on, a
+    peak FLOP/s is configured (MFU), and the kNN test split is unlabelled (kNN switched off at
+    start-up with a message; training goes on); stdout and stderr are captured."""
+    from PIL import Image
+
     workdir = tmp_path_factory.mktemp("reference")
+    unlabelled = tmp_path_factory.mktemp("unlabelled")
+    for i in range(4):
+        Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(unlabelled / f"{i}.png")
+    config = tiny_config(progress=True, peak_flops=1e12, knn_every=4)
+    config.data.eval_source = f"folder:{unlabelled}"
     counter = _CompileCounter()
     logger = logging.getLogger("jax")
     logger.addHandler(counter)
     was = jax.config.jax_log_compiles
     jax.config.update("jax_log_compiles", True)
+    out, err = io.StringIO(), io.StringIO()
     try:
-        result = train(tiny_config(), workdir, record_history=True)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            result = train(config, workdir, record_history=True)
     finally:
         jax.config.update("jax_log_compiles", was)
         logger.removeHandler(counter)
-    return result, workdir, counter.names
+    return result, workdir, counter.names, (out.getvalue(), err.getvalue())
 
 
 def test_reference_run(reference):
-    result, workdir, compiled = reference
+    result, workdir, compiled, _ = reference
     assert result.status == "done" and result.step == 8
     assert sorted(losses(result)) == list(range(8))
     assert all(m["finite"] == 1.0 for m in result.history)
@@ -91,8 +106,31 @@ def test_reference_run(reference):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tensorboard"))
 
 
+def test_reference_run_metrics_and_progress(reference):
+    """Every logged step carries the schedules, grad norms, every loss term and the throughput
+    (img/s, per device, TFLOP/s per device, MFU against train.peak_flops); the compilation is a
+    record of its own. The progress bar shows step, loss and img/s."""
+    result, workdir, _, (out, err) = reference
+    assert result.knn == {} and "has no labels: kNN evaluation is disabled" in out
+    bar = err.replace("\r", "\n").splitlines()  # tqdm redraws its line with \r
+    assert any("8/8" in line and "loss=" in line and "img/s=" in line for line in bar), err
+    records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    compile_rec = [r for r in records if r["kind"] == "compile"]
+    assert len(compile_rec) == 1 and compile_rec[0]["compile_time_s"] > 0
+    steps = [r for r in records if r["kind"] == "train"]
+    for r in steps:
+        assert "compile_time_s" not in r
+        assert {"lr", "last_layer_lr", "wd", "momentum", "teacher_temp"} <= set(r)
+        assert {"grad_norm_backbone", "grad_norm_dino_head"} <= set(r), sorted(r)
+        assert all(isinstance(r[k], float) for k in LOSS_KEYS), r
+        assert r["img_per_s"] > 0
+        assert r["img_per_s_per_device"] == pytest.approx(r["img_per_s"] / 8)
+        assert r["tflops_per_device"] > 0
+        assert r["mfu"] == pytest.approx(r["tflops_per_device"] * 1e12 / 1e12)
+
+
 def test_rerun_of_a_finished_run_does_nothing(reference):
-    result, workdir, _ = reference
+    result, workdir, _, _ = reference
     again = train(tiny_config(), workdir)
     assert again.step == 8 and again.status == "done" and again.compile_time_s == 0.0
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
@@ -180,11 +218,17 @@ def test_nan_stop_names_step_and_last_good_checkpoint(monkeypatch, tmp_path):
 
 def test_nan_skip_leaves_the_state_and_goes_on(monkeypatch, tmp_path):
     _poison_batch(monkeypatch, bad_step=2)
-    result = train(
-        tiny_config(checkpoint_every=2, nan_policy="skip", max_steps=4), tmp_path,
-        record_history=True,
-    )  # fmt: skip
-    assert result.status == "max_steps" and result.step == 4
+    # Durations in steps: the run, and every schedule, end at optim.total_steps.
+    config = tiny_config(checkpoint_every=2, nan_policy="skip")
+    config.optim.update(total_steps=4, warmup_steps=1, freeze_last_layer_steps=1)
+    result = train(config, tmp_path, record_history=True)
+    assert result.status == "done" and result.step == 4
+    schedules = make_schedules(resolve_durations(config))
+    for m in result.history:
+        want = schedules(int(m["iteration"]))
+        for k in ("lr", "last_layer_lr", "wd", "momentum", "teacher_temp"):
+            assert m[k] == pytest.approx(float(want[k]), rel=1e-6), (k, m["iteration"])
+    assert result.history[1]["lr"] > result.history[3]["lr"] > float(schedules(4)["lr"])
     assert result.skipped_steps == [2]
     finite = [m["finite"] for m in result.history]
     assert finite == [1.0, 1.0, 0.0, 1.0]
@@ -200,7 +244,7 @@ def test_export_loads_in_official_pytorch(reference, tmp_path):
     import dinojax
     from dinojax.train.export import export_checkpoint
 
-    _, workdir, _ = reference
+    _, workdir, _, _ = reference
     export_checkpoint(workdir, tmp_path / "teacher_dir")
     export_checkpoint(workdir, tmp_path / "teacher.pth", fmt="teacher")
     model, heads = dinojax.load(tmp_path / "teacher_dir", heads=True)
@@ -228,3 +272,54 @@ def test_export_loads_in_official_pytorch(reference, tmp_path):
         logits = np.asarray(h(cls))
     np.testing.assert_allclose(np.asarray(cls), cls_t.numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(logits, logits_t, rtol=1e-4, atol=1e-5)
+
+
+def test_a_large_replicated_parameter_stops_the_run(tmp_path):
+    """A missing sharding rule (the heads' prototypes dimension) leaves the 32 x 128 last layers
+    of the student, teacher and Adam moments replicated on the fsdp=4 mesh: the run stops before
+    compiling, naming them."""
+    config = tiny_config()
+    config.mesh.rules = tuple((n, None if n == "prototypes" else t) for n, t in config.mesh.rules)
+    with pytest.raises(AssertionError, match=r"train.assert_sharded_min_size.*\['teacher'\]\["
+                       r"'dino_head'\]\['last_layer'\]\['weight_v'\] \(32, 128\)"):  # fmt: skip
+        train(config, tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists()  # stopped before anything ran
+
+
+def test_teacher_and_adam_moments_are_sharded_like_the_student():
+    """The state the trainer builds: teacher and Adam moments carry the student's shardings
+    (FSDP), and the large arrays of all three are split over the fsdp axis."""
+    from dinojax.sharding import assert_sharded, make_mesh
+    from dinojax.ssl.step import create_train_state
+
+    config = tiny_config()
+    mesh = make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axes))
+    state, _ = create_train_state(config, mesh)
+    specs = lambda tree: jax.tree.map(lambda x: x.sharding.spec, tree)  # noqa: E731
+    assert specs(state["teacher"]) == specs(state["student"])
+    student = {jax.tree_util.keystr(p): x.sharding.spec
+               for p, x in jax.tree_util.tree_leaves_with_path(state["student"])}  # fmt: skip
+    moments: dict[str, list] = {}
+    for path, x in jax.tree_util.tree_leaves_with_path(state["opt_state"]):
+        key = jax.tree_util.keystr(path)
+        owner = [k for k in student if key.endswith(k)]  # mu / nu trees mirror the student
+        if owner:
+            moments.setdefault(owner[0], []).append(x.sharding.spec)
+    big = [k for k, x in _leaves(state["student"]).items() if x.size >= 4096]
+    assert big and any(student[k] != jax.sharding.PartitionSpec() for k in big)
+    for k in big:
+        assert moments.get(k) == [student[k]] * 2, (k, moments.get(k))  # mu and nu
+    assert_sharded(state, config.train.assert_sharded_min_size)
+
+
+def _leaves(tree) -> dict:
+    return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def test_missing_knn_split_fails_before_compiling(tmp_path):
+    config = tiny_config(knn_every=4)
+    config.data.eval_source = str(tmp_path / "no_such_folder")
+    with pytest.raises(ValueError, match=r"kNN evaluation cannot read its data: data.eval_source"
+                       r".*does not exist.*knn_every=0"):  # fmt: skip
+        train(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -32,5 +32,9 @@ def tiny_config(recipe: str = "dinov2", arg: str = "smoke", **train):
     c.train.log_every = 1
     c.train.progress = False
     c.train.async_checkpoints = True
+    # Smallest array the start-up check demands sharded on fsdp > 1: the heads' last layer
+    # (32 x 128) and every block kernel. The largest replicated array is 2048 (a head kernel
+    # whose dims the rules leave unsharded).
+    c.train.assert_sharded_min_size = 4096
     c.train.update(train)
     return c
