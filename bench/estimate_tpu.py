@@ -1,33 +1,45 @@
 """Paper estimate: step time and memory per chip of the official ViT-g/14 DINOv2 recipe on TPU v5p.
 
-Nothing here runs a model: it is arithmetic on the architecture (official-dino.md §1.2, §4.1) so the
-assumptions are explicit and can be checked against a real run later.
+Nothing here runs a model: it is arithmetic on the recipe (`configs/dinov2_vitg14.py`,
+official-dino.md §1.2, §4.1) so the assumptions are explicit and can be checked against a real run.
 
     python bench/estimate_tpu.py [--batch 3072] [--hfu 0.45] [--markdown]
 
-FLOPs use the same accounting as the PyTorch FLOP counter (2 per multiply-add; forward, and 2x
-forward for the backward pass): per token and block `8 D^2 + 6 D h'` (qkv, proj, SwiGLU w12 / w3)
-plus `4 N D` for the two attention matmuls; patch embedding; DINO head on the CLS tokens and iBOT
-head on the masked tokens. Student: forward + backward over 2 global (224 px) + 8 local (98 px)
-crops; teacher: forward over the 2 global crops. Full rematerialisation adds one student forward.
+FLOPs are the training step's own accounting, `dinojax.ssl.step.flops_per_step` (what the trainer
+logs as TFLOP/s and MFU): 2 per multiply-add, the backward pass twice the forward; student forward
+and backward over 2 global (224 px) + 8 local (98 px) crops with the DINO head on the CLS tokens
+and the iBOT head on the masked-token buffer, teacher forward over the global crops. Full
+rematerialisation adds one student forward.
 
-Memory per chip (FSDP over every chip): fp32 student, teacher, Adam moments and gradients, all
-sharded; bf16 activations for the per-chip batch.
+Memory per chip (FSDP over every chip, the recipes' default mesh): fp32 student, teacher, Adam
+moments and gradients, all sharded; bf16 activations for the per-chip batch.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from configs.dinov2_vitg14 import get_config  # noqa: E402
+from dinojax.ssl.step import flops_per_step, vit_config  # noqa: E402
 
 # TPU v5p, per chip: 459 TFLOP/s dense bf16, 95 GiB HBM (public spec sheet).
 PEAK = 459e12
 HBM_GIB = 95.0
 
-D, DEPTH, HEADS, HIDDEN = 1536, 40, 24, 4096  # ViT-g/14, SwiGLU hidden after 2/3 rounding
-PATCH = 14
-K = 131072  # prototypes (DINO and iBOT heads of vitg14.yaml)
-DINO_BOTTLENECK, IBOT_BOTTLENECK, HEAD_HIDDEN = 384, 256, 2048
+RECIPE = get_config()
+_VIT = vit_config(RECIPE)
+D, DEPTH, HEADS, HIDDEN = _VIT.embed_dim, _VIT.depth, _VIT.num_heads, _VIT.ffn_hidden_dim
+PATCH = _VIT.patch_size
+K = int(RECIPE.heads.out_dim)  # prototypes (DINO and iBOT heads of vitg14.yaml)
+DINO_BOTTLENECK = int(RECIPE.heads.bottleneck_dim)
+IBOT_BOTTLENECK = int(RECIPE.heads.ibot_bottleneck_dim)
+HEAD_HIDDEN = int(RECIPE.heads.hidden_dim)
 BACKBONE_PARAMS = 1_136_480_768  # official-dino.md §1.2 [verified]
 MASKED_PER_IMAGE = 0.5 * 2 * 0.3 * 256  # half the global crops masked, mean ratio 0.3 of 256
 
@@ -36,27 +48,23 @@ def tokens(px: int) -> int:
     return (px // PATCH) ** 2 + 1
 
 
-def backbone_fwd(n: int) -> float:
-    per_block = n * (8 * D * D + 6 * D * HIDDEN) + 4 * n * n * D
-    return DEPTH * per_block + 2 * (n - 1) * 3 * PATCH * PATCH * D
-
-
-def head_fwd(bottleneck: int) -> float:
-    mlp = 2 * (D * HEAD_HIDDEN + HEAD_HIDDEN * HEAD_HIDDEN + HEAD_HIDDEN * bottleneck)
-    return mlp + 2 * bottleneck * K
-
-
 def head_params(bottleneck: int) -> int:
     mlp = (D + 1) * HEAD_HIDDEN + (HEAD_HIDDEN + 1) * HEAD_HIDDEN + (HEAD_HIDDEN + 1) * bottleneck
     return mlp + bottleneck * K + K
 
 
-def flops_per_image(remat: bool) -> float:
-    g, loc = backbone_fwd(tokens(224)), backbone_fwd(tokens(98))
-    student_fwd = 2 * g + 8 * loc + 10 * head_fwd(DINO_BOTTLENECK)
-    student_fwd += MASKED_PER_IMAGE * head_fwd(IBOT_BOTTLENECK)
-    teacher = 2 * g + 2 * head_fwd(DINO_BOTTLENECK) + MASKED_PER_IMAGE * head_fwd(IBOT_BOTTLENECK)
-    return (4 if remat else 3) * student_fwd + teacher
+def step_flops(batch: int, remat: bool) -> float:
+    """`flops_per_step` of the recipe at `batch`; with remat plus one student forward, which is
+    the global-crop part G (teacher and student alike) plus the local-crop part L of
+    `flops_per_step = 3 (G + L) + G`, G read off the same recipe without local crops (= 4 G)."""
+    c = RECIPE.copy_and_resolve_references()
+    c.batch_size = batch
+    model = flops_per_step(c)
+    if not remat:
+        return model
+    c.data.local_crops_number = 0
+    g = flops_per_step(c) / 4
+    return model + g + (model - 4 * g) / 3
 
 
 def activation_bytes_per_image(remat: bool) -> float:
@@ -80,15 +88,15 @@ def estimate(batch: int, chips: int, hfu: float, remat: bool) -> dict:
     state_bytes = params * 4 * 5  # student, teacher, 2 Adam moments, gradients (fp32)
     per_chip_batch = batch / chips
     mem = state_bytes / chips + per_chip_batch * activation_bytes_per_image(remat)
-    step_flops = batch * flops_per_image(remat)
-    step_s = step_flops / (chips * PEAK * hfu)
+    flops = step_flops(batch, remat)
+    step_s = flops / (chips * PEAK * hfu)
     return {
         "chips": chips,
         "slice": f"v5p-{2 * chips}",
         "batch": batch,
         "per_chip_batch": per_chip_batch,
         "remat": remat,
-        "step_tflop": step_flops / 1e12,
+        "step_tflop": flops / 1e12,
         "step_s": step_s,
         "img_s": batch / step_s,
         "mem_gib_per_chip": mem / 2**30,
@@ -98,7 +106,8 @@ def estimate(batch: int, chips: int, hfu: float, remat: bool) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--batch", type=int, default=3072, help="global batch (paper: 3072)")
+    ap.add_argument("--batch", type=int, default=RECIPE.batch_size,
+                    help=f"global batch (default: the recipe's {RECIPE.batch_size})")  # fmt: skip
     ap.add_argument("--hfu", type=float, default=0.45, help="assumed hardware FLOP utilisation")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
