@@ -8,13 +8,15 @@ Parameter groups (official-dino.md §4.3) become *per-leaf multipliers*. Blocks 
 dinojax (leading axis = depth), so the layer-wise lr decay of a block parameter is an array along
 that axis, `decay ** (L - i)` for block i, shaped (L, 1, ..., 1) to broadcast over the leaf.
 
-AdamW. Written out instead of `optax.adamw` for two reasons: the lr / wd multipliers are arrays
-(optax schedules are scalars), and DINO v1 freezes its last layer by *skipping* it (torch gives
-those parameters no gradient, so AdamW leaves their moments AND their step count alone), which
-needs a step count per parameter. The update is optax's decoupled form
-`p <- p - lr * (m_hat / (sqrt(v_hat) + eps) + wd * p)`, which equals torch's
-`p *= 1 - lr * wd; p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)` (both use the OLD p in the
-decay term); tests/ssl/test_optim.py checks it against both optax.adamw and torch.optim.AdamW.
+AdamW is an optax `GradientTransformationExtraArgs` (`adamw`): optax.chain(clipping,
+optax.partition({"rest", "last_layer", "frozen"})), each trainable partition an optax.chain of
+Adam scaling, decoupled weight decay and the lr, which take the per-leaf multiplier trees and the
+traced schedule values (lr, last-layer lr, wd) as extra arguments: optax's own scalar schedules
+cannot carry array-valued multipliers, and optax's `scale_by_adam` rounds its bias correction in
+float32 (see `scale_by_adam_torch`). DINO v1 freezes its last layer by *skipping* it (torch gives
+those parameters no gradient, so AdamW leaves their moments AND their step count alone): the last
+layer is its own partition, with its own Adam count, wrapped in `skip_unless_active`.
+tests/ssl/test_optim.py checks the update against torch.optim.AdamW and optax.adamw.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 Array = jax.Array
 
@@ -314,76 +317,183 @@ def clip_per_tensor(grads: Mapping, groups: Mapping, max_norm: float) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# AdamW with per-leaf lr / wd multipliers and per-leaf step counts
+# AdamW as an optax GradientTransformation (official-dino.md §4.3-4.4)
 # ---------------------------------------------------------------------------------------------
 
-
-def adamw_init(params: Mapping) -> dict:
-    """{mu, nu: zeros like params (float32), count: int32 scalar per leaf}."""
-    zeros = lambda p: jnp.zeros(jnp.shape(p), jnp.float32)  # noqa: E731
-    return {
-        "mu": jax.tree.map(zeros, params),
-        "nu": jax.tree.map(zeros, params),
-        "count": jax.tree.map(lambda p: jnp.zeros((), jnp.int32), params),
-    }
+# Extra arguments of `adamw(...).update`, traced scalars computed once per step from
+# state["step"] (not from an optimizer count: a nan-skipped step reverts the optimizer state but
+# still advances the schedules, see dinojax.ssl.step).
+EXTRA_ARGS = ("lr", "last_layer_lr", "wd", "last_layer_active")
 
 
-def adamw_update(
-    grads: Mapping,
-    opt_state: Mapping,
-    params: Mapping,
-    groups: Mapping,
-    *,
-    lr,
-    last_layer_lr,
-    wd,
-    last_layer_active=True,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-) -> tuple[dict, dict]:
-    """One AdamW step for every leaf; returns (new params, new opt state).
+def _is_masked(x) -> bool:
+    return isinstance(x, optax.MaskedNode)
 
-    Leaf lr = (last_layer_lr if group.last_layer else lr) * group.lr_mult, leaf wd = wd *
-    group.wd_mult. A leaf whose group is not trainable, or a last-layer leaf while
-    `last_layer_active` is False (v1 freeze), keeps its value, moments and count unchanged.
+
+def _map_masked(fn, updates, *trees):
+    """`fn` over the leaves of `updates` that the enclosing `optax.partition` did not mask out
+    (MaskedNode leaves come back as they are); `trees` match the full parameter structure."""
+    return jax.tree.map(
+        lambda u, *xs: u if _is_masked(u) else fn(u, *xs), updates, *trees, is_leaf=_is_masked
+    )
+
+
+def scale_by_adam_torch(
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+) -> optax.GradientTransformation:
+    """`optax.scale_by_adam` with torch AdamW's arithmetic; same state (`ScaleByAdamState`).
+
+    Not optax's own: its bias correction `1 - b2 ** t` is formed in float32, where 0.999 rounds
+    to 0.99900001 and 1 - 0.999 ** 1 is 1.3e-5 relative off (6e-6 after the square root): one
+    Adam step then differs from torch by ~6e-6 relative, over the 1e-6 parity budget
+    (tests/ssl/test_optim.py measures both). Here `1 - b ** t = -expm1(t log b)` with log b
+    taken in double, and the moments use torch's `lerp` form. Moments are float32 whatever the
+    parameter dtype.
     """
     one_minus_b1, one_minus_b2 = 1.0 - b1, 1.0 - b2  # in double, like torch's Python scalars
     log_b1, log_b2 = math.log1p(-one_minus_b1), math.log1p(-one_minus_b2)
-    active_ll = jnp.asarray(last_layer_active, bool)
 
-    def update(group: LeafGroup, g, p, mu, nu, count):
-        if not group.trainable:
-            return p, mu, nu, count
-        g = g.astype(jnp.float32)
-        p32 = p.astype(jnp.float32)
-        new_count = count + 1
-        t = new_count.astype(jnp.float32)
-        new_mu = mu + jnp.float32(one_minus_b1) * (g - mu)  # torch: exp_avg.lerp_(g, 1 - b1)
-        new_nu = nu * jnp.float32(b2) + jnp.float32(one_minus_b2) * g * g
-        # 1 - b**t via expm1: 1 - 0.999**t in float32 would lose 1e-5 relative at t = 1.
+    def init(params):
+        zeros = lambda p: jnp.zeros(jnp.shape(p), jnp.float32)  # noqa: E731
+        return optax.ScaleByAdamState(
+            count=jnp.zeros((), jnp.int32),
+            mu=jax.tree.map(zeros, params),
+            nu=jax.tree.map(zeros, params),
+        )
+
+    def update(updates, state, params=None):
+        del params
+        count = state.count + 1
+        t = count.astype(jnp.float32)
         bc1 = -jnp.expm1(t * jnp.float32(log_b1))
         bc2 = -jnp.expm1(t * jnp.float32(log_b2))
-        step = (new_mu / bc1) / (jnp.sqrt(new_nu) / jnp.sqrt(bc2) + jnp.float32(eps))
-        leaf_lr = (last_layer_lr if group.last_layer else lr) * jnp.asarray(group.lr_mult)
-        leaf_wd = wd * jnp.float32(group.wd_mult)
-        new_p = (p32 - leaf_lr * (leaf_wd * p32 + step)).astype(p.dtype)
-        if group.last_layer:
-            keep = ~active_ll
-            return (
-                jnp.where(keep, p, new_p),
-                jnp.where(keep, mu, new_mu),
-                jnp.where(keep, nu, new_nu),
-                jnp.where(keep, count, new_count),
-            )
-        return new_p, new_mu, new_nu, new_count
+        g32 = jax.tree.map(lambda g: g.astype(jnp.float32), updates)
+        mu = jax.tree.map(lambda g, m: m + jnp.float32(one_minus_b1) * (g - m), g32, state.mu)
+        nu = jax.tree.map(
+            lambda g, v: v * jnp.float32(b2) + jnp.float32(one_minus_b2) * g * g, g32, state.nu
+        )
+        out = jax.tree.map(
+            lambda m, v: (m / bc1) / (jnp.sqrt(v) / jnp.sqrt(bc2) + jnp.float32(eps)), mu, nu
+        )
+        return out, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
 
-    out = _map_groups(
-        update, groups, grads, params, opt_state["mu"], opt_state["nu"], opt_state["count"]
+    return optax.GradientTransformation(init, update)
+
+
+def add_scheduled_decay(groups: Mapping) -> optax.GradientTransformationExtraArgs:
+    """`optax.add_decayed_weights` with the traced `wd` extra argument times each leaf's
+    `wd_mult`: u + wd * wd_mult * p (decoupled: p is the parameter before this step)."""
+
+    def update(updates, state, params=None, *, wd, **_):
+        fn = lambda u, grp, p: u + (wd * jnp.float32(grp.wd_mult)) * p.astype(u.dtype)  # noqa: E731
+        return _map_masked(fn, updates, groups, params), state
+
+    return optax.GradientTransformationExtraArgs(lambda _: optax.EmptyState(), update)
+
+
+def scale_by_scheduled_lr(groups: Mapping, which: str) -> optax.GradientTransformationExtraArgs:
+    """`optax.scale_by_learning_rate` with the traced extra argument `which` ("lr" or
+    "last_layer_lr") times each leaf's `lr_mult` array (per block for stacked leaves)."""
+
+    def update(updates, state, params=None, **extra):
+        lr = extra[which]
+        fn = lambda u, grp: -(lr * jnp.asarray(grp.lr_mult)) * u  # noqa: E731
+        return _map_masked(fn, updates, groups), state
+
+    return optax.GradientTransformationExtraArgs(lambda _: optax.EmptyState(), update)
+
+
+def skip_unless_active(
+    inner: optax.GradientTransformation,
+) -> optax.GradientTransformationExtraArgs:
+    """DINO v1 `cancel_gradients_last_layer`: while the `last_layer_active` extra argument is
+    False, zero updates and the OLD inner state (torch gives the parameters no gradient, so
+    AdamW leaves their moments and step count alone); `inner` runs when it is True."""
+    inner = optax.with_extra_args_support(inner)
+
+    def update(updates, state, params=None, *, last_layer_active=True, **extra):
+        new_updates, new_state = inner.update(updates, state, params, **extra)
+        active = jnp.asarray(last_layer_active, bool)
+        pick = lambda new, old: jnp.where(active, new, old)  # noqa: E731
+        zeros = jax.tree.map(jnp.zeros_like, new_updates)
+        return jax.tree.map(pick, new_updates, zeros), jax.tree.map(pick, new_state, state)
+
+    return optax.GradientTransformationExtraArgs(inner.init, update)
+
+
+def clip_transform(groups: Mapping, mode: str, max_norm: float) -> optax.GradientTransformation:
+    """The official clipping as a stateless transformation (identity when max_norm <= 0)."""
+    if max_norm <= 0:
+        return optax.identity()
+    if mode == "per_submodule":
+        return optax.stateless(lambda g, _: clip_per_submodule(g, max_norm)[0])
+    if mode == "per_tensor":
+        return optax.stateless(lambda g, _: clip_per_tensor(g, groups, max_norm))
+    raise ValueError(f"optim.clip_mode must be 'per_submodule' or 'per_tensor', got {mode!r}")
+
+
+def leaf_labels(groups: Mapping) -> dict:
+    """Partition of the leaves: "frozen" (untrainable: no update, no state), "last_layer" (own
+    lr schedule, v1 skip, own Adam step count) and "rest"."""
+    label = lambda g: "frozen" if not g.trainable else ("last_layer" if g.last_layer else "rest")  # noqa: E731
+    return _map_groups(label, groups)
+
+
+def adamw(
+    groups: Mapping,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    clip_mode: str = "per_submodule",
+    clip_grad: float = 0.0,
+) -> optax.GradientTransformationExtraArgs:
+    """The official optimizer: clipping, then per partition AdamW with the parameter groups.
+
+        tx = adamw(param_groups(params, config), ...)
+        state = tx.init(params)
+        updates, state = tx.update(grads, state, params, lr=.., last_layer_lr=.., wd=..,
+                                   last_layer_active=..)
+        params = optax.apply_updates(params, updates)
+
+    Per leaf: p <- p - lr_leaf * (m_hat / (sqrt(v_hat) + eps) + wd_leaf * p), optax's decoupled
+    form, which equals torch's `p *= 1 - lr wd; p -= lr / bc1 m / (sqrt(v) / sqrt(bc2) + eps)`
+    (both decay the OLD p). lr_leaf = (last_layer_lr if last layer else lr) * lr_mult,
+    wd_leaf = wd * wd_mult. The last layer is its own partition so that v1's skip-freeze leaves
+    its moments and step count unchanged; untrainable leaves (v1 norm_last_layer weight_g) get
+    `optax.set_to_zero`. The state is a pytree of optax states (namedtuples, dicts, arrays).
+    """
+
+    def chain(which: str):
+        return optax.chain(
+            scale_by_adam_torch(b1, b2, eps),
+            add_scheduled_decay(groups),
+            scale_by_scheduled_lr(groups, which),
+        )
+
+    labels = leaf_labels(groups)
+    present = set(jax.tree.leaves(labels))
+    transforms = {
+        "rest": chain("lr"),
+        "last_layer": skip_unless_active(chain("last_layer_lr")),
+        "frozen": optax.set_to_zero(),
+    }
+    transforms = {k: v for k, v in transforms.items() if k in present}
+    # untrainable leaves have no gradient in torch: out of the clipping norms too
+    keep = lambda grp, x: x if grp.trainable else jnp.zeros_like(x)  # noqa: E731
+    drop_frozen = optax.stateless(lambda g, _: _map_groups(keep, groups, g))
+    return optax.chain(
+        drop_frozen,
+        clip_transform(groups, clip_mode, clip_grad),
+        optax.partition(transforms, labels),
     )
-    is_tuple = lambda x: isinstance(x, tuple)  # noqa: E731
-    pick = lambda i: jax.tree.map(lambda t: t[i], out, is_leaf=is_tuple)  # noqa: E731
-    return pick(0), {"mu": pick(1), "nu": pick(2), "count": pick(3)}
+
+
+def adam_state(opt_state, label: str = "rest") -> optax.ScaleByAdamState | None:
+    """The Adam state (count, mu, nu) of one partition of an `adamw` state ("rest" or
+    "last_layer"; mu / nu hold MaskedNode at the other partitions' leaves); None if absent."""
+    inner = opt_state[-1].inner_states.get(label)
+    return None if inner is None else inner.inner_state[0]
 
 
 def group_summary(groups: Mapping) -> list[dict]:

@@ -8,7 +8,9 @@ State (plain dicts of arrays; parameter trees are `nnx.to_pure_dict` of the modu
 
     {"student": {"backbone", "dino_head", ["ibot_head"]},   # ibot_head iff heads.separate_ibot_head
      "teacher": same structure (a copy, never shared buffers: pitfall 9),
-     "opt_state": {"mu", "nu", "count"} over the student (dinojax.ssl.optim.adamw_init),
+     "opt_state": the optax state of `optimizer(config)` over the student (a pytree of optax
+                  namedtuples: per partition an Adam count and mu / nu trees; MaskedNode where
+                  optax.partition masks a leaf out),
      "dino_center": (1, K) f32, ["ibot_center": (1, 1, K') f32 when iBOT is on],
      "step": int32 (0-based official iteration), "rng": uint32 key data (fixed; the per-step key
      is fold_in(rng, step), so a resumed run draws the same drop-path masks)}
@@ -57,6 +59,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -73,6 +76,7 @@ __all__ = [
     "create_train_state",
     "flops_per_step",
     "make_train_step",
+    "optimizer",
     "student_backbone",
     "teacher_backbone",
     "vit_config",
@@ -210,6 +214,21 @@ def n_batch_shards(config, mesh: Mesh) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def optimizer(config, params: Mapping | None = None):
+    """The recipe's optax optimizer (dinojax.ssl.optim.adamw) for the student `params` (arrays
+    or abstract arrays; default: the config's abstract student). Its update takes the extra
+    arguments lr, last_layer_lr, wd and last_layer_active."""
+    if params is None:
+        setup = StepSetup.from_config(config)
+        params = {k: nnx.to_pure_dict(nnx.state(m, nnx.Param))
+                  for k, m in _Graphs(config, setup).abstract.items()}  # fmt: skip
+    o = config.optim
+    return optim.adamw(
+        optim.param_groups(params, config), b1=float(o.b1), b2=float(o.b2), eps=float(o.eps),
+        clip_mode=o.clip_mode, clip_grad=float(o.clip_grad or 0.0),
+    )  # fmt: skip
+
+
 def _init_state(config, setup: StepSetup, key: Array) -> dict:
     k_model, k_rng = jax.random.split(key)
     mods = _build_modules(config, setup, k_model)
@@ -220,7 +239,7 @@ def _init_state(config, setup: StepSetup, key: Array) -> dict:
     state = {
         "student": student,
         "teacher": teacher,
-        "opt_state": optim.adamw_init(student),
+        "opt_state": optimizer(config, student).init(student),
         "dino_center": centering.init_center(int(config.heads.out_dim)),
         "step": jnp.zeros((), jnp.int32),
         "rng": jax.random.key_data(k_rng),
@@ -246,8 +265,15 @@ def state_shardings_for(config, mesh: Mesh, abstract_state: Mapping | None = Non
     out = {k: jax.tree.map(lambda _: repl, v) for k, v in abstract_state.items()}
     out["student"] = params(abstract_state["student"])
     out["teacher"] = params(abstract_state["teacher"])
-    out["opt_state"]["mu"] = params(abstract_state["opt_state"]["mu"])
-    out["opt_state"]["nu"] = params(abstract_state["opt_state"]["nu"])
+    # moments shard like their parameters; counts (and anything else) are replicated
+    out["opt_state"] = optax.tree_map_params(
+        optimizer(config, abstract_state["student"]),
+        lambda leaf, sharding: leaf if isinstance(leaf, optax.MaskedNode) else sharding,
+        abstract_state["opt_state"],
+        out["student"],
+        transform_non_params=lambda _: repl,
+        is_leaf=lambda x: isinstance(x, optax.MaskedNode),
+    )
     return out
 
 
@@ -295,7 +321,10 @@ def build_step_fn(config, mesh: Mesh):
     scheds = optim.make_schedules(config)
     n_shards = n_batch_shards(config, mesh)
     n_local = int(config.data.local_crops_number)
-    o = config.optim
+    abstract_student = {k: nnx.to_pure_dict(nnx.state(m, nnx.Param))
+                        for k, m in graphs.abstract.items()}  # fmt: skip
+    groups = optim.param_groups(abstract_student, config)
+    tx = optimizer(config, abstract_student)
     drop_path = setup.vit.drop_path_rate > 0
 
     def heads_of(params):
@@ -382,7 +411,6 @@ def build_step_fn(config, mesh: Mesh):
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["student"])
 
         # ---- optimizer --------------------------------------------------------------------
-        groups = optim.param_groups(state["student"], config)
         # untrainable leaves (v1 norm_last_layer weight_g) have no gradient in torch: keep them
         # out of the norms and the clipping
         grads = jax.tree.map(
@@ -390,17 +418,13 @@ def build_step_fn(config, mesh: Mesh):
             groups, grads, is_leaf=lambda x: isinstance(x, optim.LeafGroup),
         )  # fmt: skip
         norms = {sub: optim.global_norm(g) for sub, g in grads.items()}
-        if setup.clip_grad > 0:
-            if setup.clip_mode == "per_submodule":
-                grads, _ = optim.clip_per_submodule(grads, setup.clip_grad)
-            else:
-                grads = optim.clip_per_tensor(grads, groups, setup.clip_grad)
-        new_student, new_opt = optim.adamw_update(
-            grads, state["opt_state"], state["student"], groups,
+        # clipping + AdamW (optim.adamw); the schedule values come from state["step"]
+        updates, new_opt = tx.update(
+            grads, state["opt_state"], state["student"],
             lr=s["lr"], last_layer_lr=s["last_layer_lr"], wd=s["wd"],
             last_layer_active=optim.last_layer_active(config, step),
-            b1=float(o.b1), b2=float(o.b2), eps=float(o.eps),
         )  # fmt: skip
+        new_student = optax.apply_updates(state["student"], updates)
         # ---- teacher EMA with the traced momentum (pitfall 11) ------------------------------
         m = s["momentum"]
         new_teacher = jax.tree.map(
