@@ -82,8 +82,10 @@ def test_head_matches_official_and_round_trips(kw):
     with jax.default_matmul_precision("highest"):
         got = np.asarray(jax.jit(lambda m, v: m(v))(head, jnp.asarray(x)))
     assert got.dtype == np.float32 and got.shape == want.shape
-    err = np.abs(got - want).max()
-    assert err <= 1e-5, err  # measured ~2e-7
+    # relative to the largest output (elementwise is ill-conditioned: outputs cross zero);
+    # measured 3.8e-7 - 4.3e-7, the same as torch float32 vs torch float64 (2.1e-7 - 4.3e-7)
+    rel = np.abs(got - want).max() / np.abs(want).max()
+    assert rel <= 1e-6, rel
 
     back = dino_head_to_torch(nnx.to_pure_dict(nnx.state(head, nnx.Param)))
     assert set(back) == set(sd)
