@@ -47,8 +47,9 @@ def main(argv: list[str]) -> None:
     from dinojax.ssl import step as ssl_step
     from dinojax.train.data import make_pipeline
     from dinojax.train.metrics import peak_flops_per_device
+    from dinojax.train.trainer import resolve_durations
 
-    config = _CONFIG.value
+    config = resolve_durations(_CONFIG.value)  # the schedules the trainer would run
     mesh = make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axes))
     rules = tuple(tuple(r) for r in config.mesh.rules)
     t0 = time.perf_counter()
