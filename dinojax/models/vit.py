@@ -331,25 +331,75 @@ def run_blocks(blocks: dict, x: Array, cfg: ViTConfig, start: int, stop: int, *,
     return x
 
 
+def _fma32(a, b, c) -> np.ndarray:
+    # float32 fused multiply-add: the product of two float32 values is exact in float64, so one
+    # rounding to float32 follows (up to a rare double rounding through float64).
+    return (np.asarray(a, np.float32).astype(np.float64) * np.float32(b) + c).astype(np.float32)
+
+
+def _torch_cubic_coefficients(t: np.ndarray) -> list[np.ndarray]:
+    """ATen get_cubic_upsample_coefficients (Keys, A = -0.75) for float32 `t`, with the fused
+    multiply-adds the compiled kernels contract the polynomials to."""
+    a = -0.75  # A, A + 2, A + 3, 5A, 8A and 4A are exact in float32
+
+    def conv1(x):  # |x| <= 1: ((A + 2) x - (A + 3)) x x + 1
+        return _fma32(_fma32(x, a + 2, -(a + 3)) * x, x, 1.0)
+
+    def conv2(x):  # 1 < |x| < 2: ((A x - 5A) x + 8A) x - 4A
+        return _fma32(_fma32(_fma32(x, a, -5 * a), x, 8 * a), x, -4 * a)
+
+    one = np.float32(1)
+    x2 = one - t
+    return [conv2(t + one), conv1(t), conv1(x2), conv2(x2 + one)]
+
+
+def torch_bicubic_weights(n_in: int, n_out: int, scale_factor: float | None) -> np.ndarray:
+    """(n_out, n_in) float32 matrix of PyTorch's bicubic resampling without antialias
+    (official-dino.md §1.6 facts 1-2): Keys a=-0.75, tap indices clamped to the edge.
+
+    The sizes are static, so the matrix is built here in numpy, rounded like the ATen kernel:
+    the scale is float32(1 / scale_factor) (`compute_scales_value`; float32(n_in) / n_out on the
+    size path) and the source coordinate scale * (i + 0.5) - 0.5 is float32 and fused into one
+    fma. That rounding matters: near coordinate 37 one float32 ulp is 3.8e-6, and evaluating
+    the coordinate more exactly (or with jax.image.scale_and_translate's |x - j| distances)
+    moved a unit-scale 37x37 grid by up to 3e-5 from F.interpolate when enlarging it.
+    """
+    f32 = np.float32
+    scale = f32(1.0 / scale_factor) if scale_factor else f32(n_in) / f32(n_out)
+    # area_pixel_compute_source_index as one fma: exact in float64, then one float32 rounding.
+    src = (np.float64(scale) * (np.arange(n_out) + 0.5) - 0.5).astype(f32)
+    idx = np.minimum(np.floor(src).astype(np.int64), n_in - 1)  # guard_index_and_lambda
+    t = np.clip(src - idx.astype(f32), 0, 1).astype(f32)
+    w = np.zeros((n_out, n_in), f32)
+    rows = np.arange(n_out)
+    for k, c in enumerate(_torch_cubic_coefficients(t)):
+        np.add.at(w, (rows, np.clip(idx - 1 + k, 0, n_in - 1)), c)
+    return w
+
+
 def _resize_pos_grid(grid: Array, h0: int, w0: int, cfg: ViTConfig) -> Array:
     m = grid.shape[0]
     d = grid.shape[-1]
-    if cfg.interpolate_offset:
-        # official-dino.md §1.6 fact 1: F.interpolate(scale_factor=(h0 + 0.1) / M) samples at
-        # (i + 0.5) * M / (h0 + 0.1) - 0.5, which is NOT a resize to (h0, w0). cubic-pytorch is
-        # Keys a=-0.75 with clamped edges (fact 2), or the a=-0.5 antialiased filter (fact 3).
-        scale = jnp.array(
-            [(h0 + cfg.interpolate_offset) / m, (w0 + cfg.interpolate_offset) / m], jnp.float32
-        )
+    off = cfg.interpolate_offset
+    if not cfg.interpolate_antialias:
+        # official-dino.md §1.6 fact 1: with an offset, F.interpolate(scale_factor=(h0 + 0.1) / M)
+        # samples at (i + 0.5) * M / (h0 + 0.1) - 0.5, which is NOT a resize to (h0, w0); fact 2:
+        # Keys a=-0.75 with clamped edges. Separable, W (inner sum in ATen) first, then H.
+        wy = torch_bicubic_weights(m, h0, (h0 + off) / m if off else None)
+        wx = torch_bicubic_weights(m, w0, (w0 + off) / m if off else None)
+        out = jnp.einsum("ox,yxd->yod", wx, grid, precision=_HIGHEST)
+        return jnp.einsum("py,yod->pod", wy, out, precision=_HIGHEST)
+    if off:
+        # Antialiased scale-factor path (no official model uses it): the a=-0.5 filter (fact 3).
+        scale = jnp.array([(h0 + off) / m, (w0 + off) / m], jnp.float32)
         return jax.image.scale_and_translate(
             grid, (h0, w0, d), (0, 1), scale, jnp.zeros(2, jnp.float32),
-            method="cubic-pytorch", antialias=cfg.interpolate_antialias, precision=_HIGHEST,
+            method="cubic-pytorch", antialias=True, precision=_HIGHEST,
         )  # fmt: skip
     # Register models: size path (§1.6 fact 3), matched by the antialiased a=-0.5 resize.
     return jax.image.resize(
-        grid, (h0, w0, d), method="cubic-pytorch", antialias=cfg.interpolate_antialias,
-        precision=_HIGHEST,
-    )  # fmt: skip
+        grid, (h0, w0, d), method="cubic-pytorch", antialias=True, precision=_HIGHEST
+    )
 
 
 def interpolate_pos_encoding(
@@ -477,18 +527,23 @@ class DinoVisionTransformer(nnx.Module):
     ) -> tuple:
         """Outputs of the last `n` blocks (or of the 0-based blocks listed in `n`), official
         semantics (§1.5): final norm applied when `norm`, registers dropped, `reshape` gives
-        (B, h, w, D)."""
+        (B, h, w, D). Outputs come in block order whatever the order of `n`: the official code
+        walks the blocks and appends block i when `i in n`."""
         cfg = self.cfg
         depth = cfg.depth
         take = list(range(depth - n, depth)) if isinstance(n, int) else [int(i) for i in n]
         if not take or any(i < 0 or i >= depth for i in take):
             raise ValueError(f"block indices {take} out of range for depth {depth}")
+        if len(set(take)) != len(take):
+            # The official code collects each block once and then asserts one output per index.
+            raise ValueError(f"block indices {take} contain duplicates")
+        take = sorted(take)
         params = self.params()
         h0, w0 = self._grid(x)
         t = self.prepare_tokens(params, x)
         outs: dict[int, Array] = {}
         pos = 0
-        for i in sorted(set(take)):
+        for i in take:
             t = run_blocks(params["blocks"], t, cfg, pos, i + 1)
             outs[i] = t
             pos = i + 1

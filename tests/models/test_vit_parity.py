@@ -16,7 +16,12 @@ otherwise it derives the same outputs from ONE official get_intermediate_layers 
 two together). The cases whose token count makes them expensive on CPU (patch 8 at 518x518,
 420x294 and 224x308 for ViT-B/8; ViT-B at 518x518, ViT-B/14 at 420x294) run under `-m slow`;
 the default suite keeps a full-depth 518x518 case per family (dinov2_vits14, dinov2_vits14_reg,
-dino_vits16), every architecture at 224x224 and all but ViT-B/8 at 224x308.
+dino_vits16), every architecture at 224x224 and all but ViT-B/8 at 224x308, plus one size that
+ENLARGES the pos-embed grid per interpolation path (`ENLARGED`).
+
+Also here: the public API semantics on a small model (get_intermediate_layers block order,
+`model(x)` = the official `forward`) and `interpolate_pos_encoding` alone against the official
+resampling at many enlarged and shrunk grids with a tight tolerance.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from reference import (
     hf_register_vit,
     official_state_dict,
@@ -39,8 +45,10 @@ from reference import (
 )
 
 import dinojax
+from dinojax.convert.backbone import from_official
 from dinojax.convert.checkpoint import convert
 from dinojax.models.config import get_config
+from dinojax.models.vit import DinoVisionTransformer, interpolate_pos_encoding
 
 ATOL = 1e-4
 SIZES = [(224, 224), (518, 518), (224, 308), (420, 294)]
@@ -58,11 +66,19 @@ SLOW = {
 RESULTS_FILE = os.environ.get("DINOJAX_PARITY_JSONL")  # README table source, if set
 
 
+# Sizes that ENLARGE the learned pos-embed grid (37x37 for /14 at 518, 14x14 for /16 at 224), one
+# per interpolation path: v2 scale-factor (+0.1), register size path (antialias), v1 (+0.1).
+ENLARGED = [("dinov2_vits14", (546, 532)), ("dinov2_vits14_reg", (546, 532)),
+            ("dino_vits16", (320, 256))]  # fmt: skip
+
+
 def _cases():
     for name in ARCHS:
         for size in SIZES:
             marks = [pytest.mark.slow] if (name, size) in SLOW else []
             yield pytest.param(name, size, marks=marks, id=f"{name}-{size[0]}x{size[1]}")
+    for name, size in ENLARGED:
+        yield pytest.param(name, size, id=f"{name}-{size[0]}x{size[1]}")
 
 
 def _cfg(name):
@@ -213,3 +229,114 @@ def test_reference_derivation_equals_official_api(family):
     for u, v in zip(flat_a, flat_b):
         assert u.shape == v.shape
         np.testing.assert_allclose(u, v, rtol=0, atol=1e-6)
+
+
+def _small_pair(family: str, seed: int = 3):
+    """(official reference, JAX model with its weights) for a 4-block, 128-wide model with a 4x4
+    pos-embed grid: API semantics that do not need a full-size network."""
+    over = {"family": "dino", "layerscale_init": None} if family == "dino" else {}
+    cfg = small_config(**over)
+    ref = official_vit(cfg, seed)
+    sd = {k: v.numpy() for k, v in official_state_dict(ref, cfg).items()}
+    model = nnx.eval_shape(lambda: DinoVisionTransformer(cfg, rngs=nnx.Rngs(0)))
+    nnx.update(model, jax.tree.map(jnp.asarray, from_official(sd, cfg)))
+    return ref, model
+
+
+@pytest.mark.parametrize("family", ["dinov2", "dino"])
+def test_intermediate_layers_come_in_block_order(family):
+    """The official get_intermediate_layers walks the blocks and appends block i when `i in n`:
+    an unsorted list comes back in block order; a repeated index fails its length assert."""
+    ref, model = _small_pair(family)
+    x = np.random.default_rng(4).standard_normal((2, 3, 56, 84), dtype=np.float32)
+    xj = jnp.asarray(x.transpose(0, 2, 3, 1))
+    with torch.no_grad():
+        want = ref.get_intermediate_layers(torch.from_numpy(x), n=[3, 0, 2],
+                                           return_class_token=True)  # fmt: skip
+    with jax.default_matmul_precision("highest"):
+
+        @jax.jit
+        def both(m, v):
+            kw = dict(return_class_token=True)
+            return m.get_intermediate_layers(v, n=[3, 0, 2], **kw), m.get_intermediate_layers(
+                v, n=[0, 2, 3], **kw
+            )
+
+        got, in_order = both(model, xj)
+    assert len(got) == len(want) == 3
+    for (gp, gc), (wp, wc), (op, oc) in zip(got, want, in_order):
+        np.testing.assert_allclose(np.asarray(gp), wp.numpy(), rtol=0, atol=ATOL)
+        np.testing.assert_allclose(np.asarray(gc), wc.numpy(), rtol=0, atol=ATOL)
+        np.testing.assert_array_equal(np.asarray(gp), np.asarray(op))
+        np.testing.assert_array_equal(np.asarray(gc), np.asarray(oc))
+    # Block 0's output differs from block 3's: the order is really checked.
+    assert np.abs(want[0][0].numpy() - want[1][0].numpy()).max() > 0.1
+    with pytest.raises(AssertionError), torch.no_grad():
+        ref.get_intermediate_layers(torch.from_numpy(x), n=[3, 0, 3])
+    with pytest.raises(ValueError, match="duplicates"):
+        model.get_intermediate_layers(xj, n=[3, 0, 3])
+
+
+@pytest.mark.parametrize("family", ["dinov2", "dino"])
+def test_call_is_the_official_forward(family):
+    """`model(x)` is forward_features' normalised CLS token, and the official
+    `forward(x)` (is_training=False: head(CLS), head = Identity for hub backbones), at a
+    non-square size that enlarges one side of the pos-embed grid and shrinks the other."""
+    ref, model = _small_pair(family)
+    x = np.random.default_rng(6).standard_normal((2, 3, 84, 42), dtype=np.float32)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x)).numpy()
+    with jax.default_matmul_precision("highest"):
+        call, ff = jax.jit(lambda m, v: (m(v), m.forward_features(v)["x_norm_clstoken"]))(
+            model, jnp.asarray(x.transpose(0, 2, 3, 1))
+        )
+    assert call.shape == want.shape == (2, 128)
+    np.testing.assert_array_equal(np.asarray(call), np.asarray(ff))
+    np.testing.assert_allclose(np.asarray(call), want, rtol=0, atol=ATOL)
+
+
+# Max |JAX - torch| measured on unit-scale random grids (values to ~4.5; jax 0.10.2, torch 2.13
+# CPU) over grids 14/16/37 and the sizes below: <= 1.5e-6 for the non-antialiased paths (scale
+# factor with +0.1, and size), <= 5.1e-6 for the antialiased size path (register models). Before
+# torch's float32 source coordinates were reproduced, enlarging gave up to 3e-5.
+POS_TOL = {False: 3e-6, True: 1e-5}
+POS_SIZES = [(38, 38), (46, 38), (64, 50), (73, 20), (103, 103), (20, 37), (37, 37),
+             (16, 16), (30, 21), (7, 7), (5, 9)]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["offset", "register", "size"])
+@pytest.mark.parametrize("m", [37, 16])
+def test_pos_embed_interpolation_matches_torch(kind, m):
+    """`interpolate_pos_encoding` (§1.6) against the official code on enlarged and shrunk grids:
+    the PyPI model's own method for the +0.1 scale-factor path (v2 and v1; square sizes of the
+    grid's own size short-circuit), F.interpolate(size=...) for the size paths (antialiased for
+    register models)."""
+    cfg = get_config("dinov2_vits14", img_size=m * 14)
+    if kind == "register":
+        cfg = cfg.replace(interpolate_offset=0.0, interpolate_antialias=True)
+    elif kind == "size":
+        cfg = cfg.replace(interpolate_offset=0.0)
+    pe = np.random.default_rng(m).standard_normal((1, 1 + m * m, 64)).astype(np.float32)
+    ours = jax.jit(interpolate_pos_encoding, static_argnums=(1, 2, 3, 4, 5))
+    ref = None
+    if kind == "offset":
+        ref = official_vit(small_config(embed_dim=64, num_heads=1, depth=1, img_size=m * 14))
+        with torch.no_grad():
+            ref.pos_embed.copy_(torch.from_numpy(pe))
+    worst = 0.0
+    for h0, w0 in POS_SIZES:
+        with torch.no_grad():
+            if ref is not None:
+                tokens = torch.zeros(1, 1 + h0 * w0, 64)
+                want = ref.interpolate_pos_encoding(tokens, h0 * 14, w0 * 14).numpy()
+            else:
+                g = torch.from_numpy(pe[0, 1:].reshape(m, m, 64)).permute(2, 0, 1)[None]
+                out = torch.nn.functional.interpolate(
+                    g, size=(h0, w0), mode="bicubic", antialias=cfg.interpolate_antialias
+                )
+                out = out[0].permute(1, 2, 0).reshape(1, h0 * w0, 64).numpy()
+                want = np.concatenate([pe[:, :1], out], axis=1)
+        got = np.asarray(ours(jnp.asarray(pe), h0, w0, h0 * 14, w0 * 14, cfg))
+        assert got.shape == want.shape == (1, 1 + h0 * w0, 64)
+        worst = max(worst, float(np.abs(got - want).max()))
+    assert worst <= POS_TOL[cfg.interpolate_antialias], (kind, m, worst)
