@@ -5,7 +5,8 @@
         --config.data.data_dir=/data/tfds --config.batch_size=1024
     python train.py --config configs/dinov2.py:smoke --workdir /tmp/smoke   # any recipe, CPU size
     python train.py --config configs/dinov2.py --workdir /ckpt/short \
-        --config.optim.total_steps=20000 --config.optim.warmup_steps=2000   # durations in steps
+        --config.optim.total_steps=20000 --config.optim.warmup_steps=2000 \
+        --config.loss.warmup_teacher_temp_steps=6000                         # durations in steps
 
 Restarting the same command resumes from the latest checkpoint in WORKDIR. Multi-host: start one
 process per host; TPU pods, SLURM and Open MPI are detected, otherwise pass --coordinator_address,

@@ -101,11 +101,13 @@ def resolve_durations(config: ml_collections.ConfigDict) -> ml_collections.Confi
     for key, section, epochs_key in _STEP_DURATIONS:
         given = config[section].get(key, None)
         steps[key] = int(given) if given is not None else int(config[section][epochs_key]) * ep
-        if not 0 <= steps[key] <= total:
+        # The teacher-temperature schedule has its own length (official), which may outlast the
+        # run; the lr warm-up and the last-layer freeze are parts of the run's schedules.
+        limit = None if key == "warmup_teacher_temp_steps" else total
+        if steps[key] < 0 or (limit is not None and steps[key] > limit):
             why = "" if given is not None else f" ({section}.{epochs_key} x optim.epoch_length)"
-            raise ValueError(
-                f"{section}.{key} = {steps[key]}{why} must lie in [0, optim.total_steps = {total}]"
-            )
+            rule = "be >= 0" if limit is None else f"lie in [0, optim.total_steps = {total}]"
+            raise ValueError(f"{section}.{key} = {steps[key]}{why} must {rule}")
     per_epoch = config.loss.get("teacher_temp_per", "step") == "epoch"
     if per_epoch and steps["warmup_teacher_temp_steps"] > 0:
         # DINO v1 raises the temperature once per epoch; in steps there is no epoch to step at.

@@ -164,6 +164,12 @@ def test_durations_in_steps():
     c.optim.update(warmup_steps=None, total_steps=3)
     with pytest.raises(ValueError, match=r"warmup_steps = 4 \(optim.warmup_epochs x optim.epoch"):
         resolve_durations(c)
+    c.optim.update(warmup_steps=1, freeze_last_layer_steps=1)
+    c.loss.warmup_teacher_temp_steps = 5  # its own schedule (official): may outlast the run
+    assert resolve_durations(c).loss.warmup_teacher_temp_epochs == 5
+    c.loss.warmup_teacher_temp_steps = -1
+    with pytest.raises(ValueError, match="warmup_teacher_temp_steps = -1 must be >= 0"):
+        resolve_durations(c)
     v1 = recipe("dino_vits16", "boosted,smoke")  # teacher temperature warmed up per epoch
     v1.optim.total_steps = 10
     with pytest.raises(ValueError, match="teacher_temp_per='epoch' warms"):
