@@ -2,14 +2,28 @@
 
 Whole-step parity: identical initial weights (ours, randomised, converted to the official
 modules with dinojax.convert), identical batch and masks, drop path off, float32, matmuls at
-"highest". Two consecutive steps of `make_train_step` and of `OfficialV2Step` / `OfficialV1Step`
+"highest". Consecutive steps of `make_train_step` and of `OfficialV2Step` / `OfficialV1Step`
 (tests/ssl/official_step.py, the official iteration assembled from the official parts) must give
-the same losses (<= 1e-5 relative) and the same student and teacher weights (<= 1e-5 max abs).
+the same losses (<= 1e-5 relative) and the same student and teacher weights (<= 1e-5 max abs),
+with the official Adam eps 1e-8.
+
+Noise-level gradients. Adam's first steps map a gradient g to about g / (|g| + eps): an element
+whose gradient is float32 rounding noise in both implementations gets an update of up to lr, of
+random sign, on each side. Those elements are the attention key bias, whose gradient is exactly
+zero (softmax is shift-invariant; measured |g| ~ 1e-9, ~1e-8 of the leaf's largest), and rare
+elements whose gradient cancels to < 1e-6 of their leaf's largest (17, 3 and 4 of ~125k elements
+in the three recipes here; the one outside the key bias measured beyond 1e-5: a v1 MLP weight
+with |g| = 3.4e-8 of its leaf's largest, off by 1.1e-4 after 2 steps). The weight comparison
+leaves out exactly the elements whose official gradient is below NOISE_REL x the leaf's largest
+at some step, checks that they are the whole key bias plus a few others, and bounds their
+difference by what Adam can do with noise (3 x the summed lr). Every other element, including
+all of the other biases and the query / value bias, is compared at 1e-5 with eps = 1e-8.
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +42,7 @@ from dinojax.ssl.step import (
     create_train_state,
     flops_per_step,
     make_train_step,
+    n_batch_shards,
     student_backbone,
     teacher_backbone,
     vit_config,
@@ -43,6 +58,7 @@ pytestmark = [
 
 LOSS_TOL = 1e-5  # relative
 WEIGHT_TOL = 1e-5  # max abs
+NOISE_REL = 1e-6  # gradient elements below this fraction of their leaf's largest are noise
 LOSS_KEYS = ("loss", "dino_local_loss", "dino_global_loss", "koleo_loss", "ibot_loss")
 SCHEDULE_KEYS = ("lr", "wd", "momentum", "teacher_temp", "last_layer_lr")
 
@@ -71,17 +87,24 @@ def tiny_config(recipe: str = "centering_shared"):
         base_lr=2e-3,
         weight_decay=0.1,
         weight_decay_end=0.4,
+        eps=1e-8,
     )
     c.loss.warmup_teacher_temp_epochs = 1
-    # eps 1e-4, not the official 1e-8: Adam's first step maps every gradient g to
-    # g / (|g| + eps), so a gradient that is exactly zero in exact arithmetic (the attention key
-    # bias: softmax is shift-invariant) and hence pure float32 rounding noise in both
-    # implementations becomes an update of up to lr. eps bounds that to lr * noise / eps, below
-    # the tolerance, while gradients >= 1e-3 still get ~full Adam steps. The eps arithmetic itself
-    # is checked at 1e-8 against torch on identical gradients (test_optim.py).
-    c.optim.eps = 1e-4
     c.mesh.shape = (1, 1)
-    if recipe == "sinkhorn_separate":
+    if recipe == "centering_warmup":
+        # 3 steps: lr warmup 0, lr / 2, lr (sqrt scaling: 6.4e-2 * sqrt(4 / 1024) = 4e-3); the
+        # last layer frozen (lr 0, v2) for steps 0 and 1, so it first moves at step 2 with 3
+        # steps of accumulated moments; teacher momentum 0.9 so the EMA visibly moves.
+        c.optim.update(
+            lr_scaling="sqrt_wrt_1024",
+            base_lr=6.4e-2,
+            epoch_length=1,
+            epochs=10,
+            warmup_epochs=3,
+            freeze_last_layer_epochs=2,
+            momentum_teacher=0.9,
+        )
+    elif recipe == "sinkhorn_separate":
         c.loss.centering = "sinkhorn_knopp"
         c.heads.separate_ibot_head = True
         c.batch_size = 8
@@ -112,7 +135,7 @@ def tiny_config(recipe: str = "centering_shared"):
             freeze_last_layer_epochs=1,
             momentum_teacher=0.9,
         )
-    elif recipe != "centering_shared":
+    elif recipe not in ("centering_shared", "centering_warmup"):
         raise ValueError(recipe)
     return c
 
@@ -210,6 +233,50 @@ def ours_flat(params: dict, family: str) -> dict[str, np.ndarray]:
     return out
 
 
+def torch_grads(modules: torch.nn.ModuleDict) -> dict[str, np.ndarray]:
+    """The gradients the official optimizer just used (None: no gradient, the v1 freeze)."""
+    return {
+        f"{k}.{n}": p.grad.detach().numpy().copy()
+        for k, m in modules.items()
+        for n, p in m.named_parameters()
+        if p.grad is not None
+    }
+
+
+def noise_masks(grads_per_step: list[dict]) -> dict[str, np.ndarray]:
+    """Per official parameter, the elements whose gradient is noise-level (< NOISE_REL x the
+    leaf's largest |g|) at some step: Adam at eps 1e-8 turns their rounding noise into updates
+    of up to lr (module docstring)."""
+    out: dict[str, np.ndarray] = {}
+    for grads in grads_per_step:
+        for k, g in grads.items():
+            a = np.abs(g.astype(np.float64))
+            m = a < NOISE_REL * a.max()
+            out[k] = out[k] | m if k in out else m
+    return out
+
+
+def check_weights(ours: dict, theirs: dict, masks: dict, *, noise_bound: float) -> float:
+    """Max abs diff <= WEIGHT_TOL over every element except the noise-level ones, which must be
+    the attention key bias plus at most a few others, and differ by at most `noise_bound`."""
+    worst, where, extra = 0.0, "", []
+    for k, v in ours.items():
+        v = np.asarray(v, np.float64).reshape(theirs[k].shape)
+        d = np.abs(v - theirs[k])
+        m = masks.get(k, np.zeros(d.shape, bool))
+        key_bias = np.zeros(d.shape, bool)
+        if ".attn.qkv.bias" in k:  # (3D,): q, k, v; the k part's gradient is exactly zero
+            key_bias[d.shape[0] // 3 : 2 * d.shape[0] // 3] = True
+            assert m[key_bias].all(), (k, "key bias gradient above noise level")
+        extra += [(k, int(i)) for i in np.flatnonzero(m & ~key_bias)]
+        assert (d[m].max() if m.any() else 0.0) <= noise_bound, (k, d[m].max())
+        if (~m).any() and d[~m].max() > worst:
+            worst, where = float(d[~m].max()), k
+    assert worst <= WEIGHT_TOL, (where, worst)
+    assert len(extra) <= 32, extra  # measured: 17, 3, 4
+    return worst
+
+
 def max_weight_diff(ours: dict, theirs: dict) -> tuple[float, str]:
     worst, where = 0.0, ""
     for k, v in ours.items():
@@ -228,9 +295,10 @@ def single_device_mesh():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("recipe", ["centering_shared", "sinkhorn_separate"])
-def test_two_steps_match_official(recipe, torch_process_group):
+@pytest.mark.parametrize("recipe", ["centering_warmup", "sinkhorn_separate"])
+def test_steps_match_official(recipe, torch_process_group):
     c = tiny_config(recipe)
+    n_steps = 3 if recipe == "centering_warmup" else 2
     mesh = single_device_mesh()
     state, shardings = create_train_state(c, mesh)
     params = random_student(state, seed=1)
@@ -238,11 +306,14 @@ def test_two_steps_match_official(recipe, torch_process_group):
     vit = vit_config(c)
     official = OfficialV2Step(c, to_torch_modules(params, c, vit), to_torch_modules(params, c, vit))
     step = make_train_step(c, mesh, shardings)
-    for it in range(2):
+    grads, lrs = [], []
+    ll = lambda p: np.asarray(p["dino_head"]["last_layer"]["weight_v"])  # noqa: E731
+    for it in range(n_steps):
         batch = make_batch(c, seed=it)
         with jax.default_matmul_precision("highest"):
             state, metrics = step(state, device_batch(batch, mesh, c.mesh.rules))
         ref = official(it, batch)
+        grads.append(torch_grads(official.student))
         metrics = jax.device_get(metrics)
         assert bool(metrics["finite"])
         for k in LOSS_KEYS:
@@ -252,16 +323,28 @@ def test_two_steps_match_official(recipe, torch_process_group):
         for k in official.student:
             got, want = metrics[f"grad_norm_{k}"], ref[f"grad_norm_{k}"]
             assert rel_err(got, want) <= LOSS_TOL, (it, k, got, want)
-    assert int(state["step"]) == 2
+        lrs.append(float(ref["lr"]))
+        if recipe == "centering_warmup":
+            # warmup 0, lr / 2, lr; the last layer frozen (lr 0) at steps 0 and 1 only
+            assert ref["lr"] == pytest.approx(4e-3 * it / 2, rel=1e-6, abs=0)
+            assert (ref["last_layer_lr"] == 0) == (it < 2)
+            frozen = np.array_equal(ll(jax.device_get(state["student"])), ll(params))
+            assert frozen == (it < 2), it
+    assert int(state["step"]) == n_steps
     if recipe == "sinkhorn_separate":
         # the last layer was frozen (lr 0) at step 0 only: it moved exactly once
         assert float(ref["last_layer_lr"]) > 0
+    # what Adam can do with a noise gradient: |update| <~ 1.5 lr per step on each side
+    bound = 3.0 * sum(lrs)
+    masks = noise_masks(grads)
     for which, mods in (("student", official.student), ("teacher", official.teacher)):
-        diff, where = max_weight_diff(ours_flat(state[which], "dinov2"), torch_flat(mods))
-        assert diff <= WEIGHT_TOL, (which, where, diff)
-    # the weights really moved (a step that changed nothing would pass the comparison above)
-    moved = max_weight_diff(ours_flat(state["student"], "dinov2"), ours_flat(params, "dinov2"))
-    assert moved[0] > 100 * WEIGHT_TOL
+        check_weights(ours_flat(state[which], "dinov2"), torch_flat(mods), masks,
+                      noise_bound=bound)  # fmt: skip
+    # the weights really moved (a step that changed nothing would pass the comparison above),
+    # the teacher too, by 50x the tolerance (momentum 0.9: measured 7.4e-4 and more)
+    for which in ("student", "teacher"):
+        moved = max_weight_diff(ours_flat(state[which], "dinov2"), ours_flat(params, "dinov2"))
+        assert moved[0] > 50 * WEIGHT_TOL, (which, moved)
 
 
 def test_v1_recipe_matches_official_with_skip_freeze():
@@ -276,12 +359,15 @@ def test_v1_recipe_matches_official_with_skip_freeze():
     step = make_train_step(c, mesh, shardings)
     last = lambda s: optim.adam_state(s["opt_state"], "last_layer")  # noqa: E731
     rest = lambda s: optim.adam_state(s["opt_state"], "rest")  # noqa: E731
+    grads, lrs = [], []
     for it in range(2):
         batch = make_batch(c, seed=it)
         before = jax.device_get(state)
         with jax.default_matmul_precision("highest"):
             state, metrics = step(state, device_batch(batch, mesh, c.mesh.rules))
         ref = official(it, batch)
+        grads.append(torch_grads(official.student))
+        lrs.append(float(ref["lr"]))
         metrics = jax.device_get(metrics)
         assert rel_err(metrics["loss"], ref["loss"]) <= LOSS_TOL, (it, metrics["loss"], ref["loss"])
         for k in ("lr", "wd", "momentum", "teacher_temp"):
@@ -299,10 +385,10 @@ def test_v1_recipe_matches_official_with_skip_freeze():
         for which in ("student", "teacher"):
             g = after[which]["dino_head"]["last_layer"]["weight_g"]
             np.testing.assert_array_equal(g, np.ones_like(g))
+    bound = 3.0 * sum(lrs)
+    masks = noise_masks(grads)
     for which, mods in (("student", official.student), ("teacher", official.teacher)):
-        theirs = torch_flat(mods)
-        diff, where = max_weight_diff(ours_flat(state[which], "dino"), theirs)
-        assert diff <= WEIGHT_TOL, (which, where, diff)
+        check_weights(ours_flat(state[which], "dino"), torch_flat(mods), masks, noise_bound=bound)
     # nan_policy "stop" (default): the step reports the non-finite loss; the trainer stops
     bad = make_batch(c, seed=5)
     bad["local_crops"][:] = np.inf
@@ -324,34 +410,79 @@ SHARDING_RULES = (
 )
 
 
-def test_sharded_step_equals_single_device_and_compiles_once():
-    c = tiny_config("centering_shared")
-    c.loss.n_shards = 2  # per-"GPU" groups of KoLeo / iBOT center fixed, independent of the mesh
-    c.train.nan_policy = "skip"
-    c.mesh.rules = SHARDING_RULES
-    results = {}
-    for shape in ((1, 1), (2, 4)):
-        mesh = make_mesh(shape, devices=jax.devices()[: int(np.prod(shape))])
-        state, shardings = create_train_state(c, mesh)
-        # created with its final shardings (jit out_shardings), not placed afterwards
-        same = jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim), state, shardings)
-        assert all(jax.tree.leaves(same))
-        state = with_params(state, shardings, random_student(state, seed=3))
-        if shape == (2, 4):
-            # every parameter of >= 4096 elements is split over the fsdp axis
-            assert_sharded(state["student"], min_size=4096)
-            assert_sharded(optim.adam_state(state["opt_state"]).mu, min_size=4096)
-            spec = state["student"]["backbone"]["blocks"]["attn"]["qkv"]["kernel"].sharding.spec
-            assert spec == P(None, "fsdp")
-        step = make_train_step(c, mesh, shardings)
-        losses = []
-        for it in range(3):
-            batch = device_batch(make_batch(c, seed=it, pad_to=8), mesh, c.mesh.rules)
+def _run_steps_on_mesh(c, shape, n_steps: int, seed: int) -> tuple[list, dict, Any]:
+    """`n_steps` steps on a `shape` mesh; checks shardings, teacher = student shardings, and
+    that every donated input buffer is consumed with no "donated buffers were not usable"."""
+    mesh = make_mesh(shape, devices=jax.devices()[: int(np.prod(shape))])
+    state, shardings = create_train_state(c, mesh)
+    # created with its final shardings (jit out_shardings), not placed afterwards
+    same = jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim), state, shardings)
+    assert all(jax.tree.leaves(same))
+    state = with_params(state, shardings, random_student(state, seed=seed))
+    specs = lambda tree: jax.tree.map(lambda x: x.sharding.spec, tree)  # noqa: E731
+    assert specs(state["teacher"]) == specs(state["student"])
+    if shape != (1, 1):
+        # every parameter of >= 4096 elements is split over the fsdp axis, teacher and moments too
+        for tree in (state["student"], state["teacher"], optim.adam_state(state["opt_state"]).mu):
+            assert_sharded(tree, min_size=4096)
+        spec = state["student"]["backbone"]["blocks"]["attn"]["qkv"]["kernel"].sharding.spec
+        assert spec == P(None, "fsdp")
+    step = make_train_step(c, mesh, shardings)
+    metrics_per_step = []
+    for it in range(n_steps):
+        batch = device_batch(make_batch(c, seed=it, pad_to=8), mesh, c.mesh.rules)
+        donated = jax.tree.leaves(state)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             with jax.default_matmul_precision("highest"):
                 state, metrics = step(state, batch)
-            losses.append(jax.device_get(metrics))
+            jax.block_until_ready(state)
+        assert not [w for w in caught if "donat" in str(w.message).lower()], caught
+        assert all(x.is_deleted() for x in donated)  # donated: the step updated them in place
+        metrics_per_step.append(jax.device_get(metrics))
+    assert specs(state["teacher"]) == specs(state["student"])
+    same = jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim), state, shardings)
+    assert all(jax.tree.leaves(same))
+    return metrics_per_step, state, step
+
+
+def _assert_same_run(results: dict, n_steps: int) -> None:
+    # Measured: losses <= 1e-6 relative, student weights <= 1.4e-6 and teacher <= 6e-8 max abs
+    # (sharded reductions sum in another order; Adam turns those float32 roundings of small
+    # gradients into lr * noise / (|g| + eps)). Asserted at the torch-parity tolerance.
+    (l1, s1), (l8, s8) = results[(1, 1)], results[(2, 4)]
+    for it in range(n_steps):
+        for k in LOSS_KEYS:
+            if k in l1[it]:
+                assert rel_err(l8[it][k], l1[it][k]) <= 1e-5, (it, k, l8[it][k], l1[it][k])
+    for which in ("student", "teacher"):
+        diff, where = max_weight_diff(
+            ours_flat(s8[which], "dinov2"), ours_flat(s1[which], "dinov2")
+        )
+        assert diff <= WEIGHT_TOL, (which, where, diff)
+
+
+def mesh_config(recipe: str):
+    c = tiny_config(recipe)
+    # eps 1e-4 here (not 1e-8): the sharded and single-device reductions round the exactly-zero
+    # key-bias gradient differently, and with no official gradient at hand to locate such
+    # noise-level elements (see the module docstring), eps bounds their Adam update to
+    # lr * noise / eps, below the tolerance; gradients >= 1e-3 still get ~full Adam steps.
+    c.optim.eps = 1e-4
+    c.mesh.rules = SHARDING_RULES
+    return c
+
+
+def test_sharded_step_equals_single_device_and_compiles_once():
+    c = mesh_config("centering_shared")
+    c.loss.n_shards = 2  # per-"GPU" groups of KoLeo / iBOT center fixed, independent of the mesh
+    c.train.nan_policy = "skip"
+    results = {}
+    for shape in ((1, 1), (2, 4)):
+        losses, state, step = _run_steps_on_mesh(c, shape, 3, seed=3)
         # nan_policy "skip": a non-finite step leaves the state as it was, except the step count
         before = jax.device_get(state)
+        mesh = make_mesh(shape, devices=jax.devices()[: int(np.prod(shape))])
         bad = make_batch(c, seed=9, pad_to=8)
         bad["global_crops"][0, 0, 0, 0] = np.nan
         with jax.default_matmul_precision("highest"):
@@ -362,21 +493,30 @@ def test_sharded_step_equals_single_device_and_compiles_once():
         del before["step"], after["step"]
         jax.tree.map(np.testing.assert_array_equal, after, before)
         assert step.jitted._cache_size() == 1  # compiled once over all 4 steps
-        same = jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim), state, shardings)
-        assert all(jax.tree.leaves(same))
         results[shape] = (losses, jax.device_get(state))
-    # Measured: losses <= 1e-6 relative, student weights <= 1.4e-6 and teacher <= 6e-8 max abs
-    # (sharded reductions sum in another order; Adam turns those float32 roundings of small
-    # gradients into lr * noise / (|g| + eps)). Asserted at the torch-parity tolerance.
-    (l1, s1), (l8, s8) = results[(1, 1)], results[(2, 4)]
-    for it in range(3):
-        for k in LOSS_KEYS:
-            assert rel_err(l8[it][k], l1[it][k]) <= 1e-5, (it, k, l8[it][k], l1[it][k])
-    for which in ("student", "teacher"):
-        diff, where = max_weight_diff(
-            ours_flat(s8[which], "dinov2"), ours_flat(s1[which], "dinov2")
-        )
-        assert diff <= WEIGHT_TOL, (which, where, diff)
+    _assert_same_run(results, 3)
+
+
+def test_sharded_sinkhorn_with_n_shards_from_the_mesh():
+    """Sinkhorn-Knopp + separate iBOT head, loss.n_shards left to its default: the 8 batch
+    devices of the (2, 4) mesh, i.e. the single-device step with n_shards = 8."""
+    c = mesh_config("sinkhorn_separate")
+    results = {}
+    for shape in ((1, 1), (2, 4)):
+        cs = mesh_config("sinkhorn_separate")
+        if shape == (1, 1):
+            cs.loss.n_shards = 8
+        else:
+            mesh = make_mesh(shape, devices=jax.devices()[:8])
+            assert "n_shards" not in cs.loss and n_batch_shards(cs, mesh) == 8
+        losses, state, _ = _run_steps_on_mesh(cs, shape, 2, seed=4)
+        assert "ibot_head" in state["teacher"]
+        results[shape] = (losses, jax.device_get(state))
+    # n_shards matters for this recipe: the single-device default (1 shard) differs
+    c.loss.n_shards = 1
+    one, _, _ = _run_steps_on_mesh(c, (1, 1), 1, seed=4)
+    assert rel_err(one[0]["koleo_loss"], results[(1, 1)][0][0]["koleo_loss"]) > 1e-3
+    _assert_same_run(results, 2)
 
 
 # ---------------------------------------------------------------------------------------------
