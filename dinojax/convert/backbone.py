@@ -352,7 +352,8 @@ def detect_config(sd: dict[str, np.ndarray], arch: str | None = None) -> ViTConf
     # every missing key with its expected shape.
     mlp_ratio = 4.0
     if swiglu and "blocks.0.mlp.w3.weight" in sd:
-        mlp_ratio = _swiglu_ratio(d, _dim(sd, "blocks.0.mlp.w3.weight", (d, None), f"({d}, h)")[1])
+        hidden = _dim(sd, "blocks.0.mlp.w3.weight", (d, None), f"({d}, hidden)")[1]
+        mlp_ratio = _swiglu_ratio(d, hidden)
     elif not swiglu and "blocks.0.mlp.fc1.weight" in sd:
         mlp_ratio = _dim(sd, "blocks.0.mlp.fc1.weight", (None, d), f"(hidden, {d})")[0] / d
     if d % 64:
