@@ -447,7 +447,8 @@ def _run_steps_on_mesh(c, shape, n_steps: int, seed: int) -> tuple[list, dict, A
 
 
 def _assert_same_run(results: dict, n_steps: int) -> None:
-    # Measured: losses <= 1e-6 relative, student weights <= 1.4e-6 and teacher <= 6e-8 max abs
+    # Measured (centering / Sinkhorn): losses <= 6.1e-7 / 2.2e-7 relative, student weights
+    # <= 1.4e-6 / 2.6e-7 and teacher <= 6e-8 max abs
     # (sharded reductions sum in another order; Adam turns those float32 roundings of small
     # gradients into lr * noise / (|g| + eps)). Asserted at the torch-parity tolerance.
     (l1, s1), (l8, s8) = results[(1, 1)], results[(2, 4)]
@@ -500,7 +501,6 @@ def test_sharded_step_equals_single_device_and_compiles_once():
 def test_sharded_sinkhorn_with_n_shards_from_the_mesh():
     """Sinkhorn-Knopp + separate iBOT head, loss.n_shards left to its default: the 8 batch
     devices of the (2, 4) mesh, i.e. the single-device step with n_shards = 8."""
-    c = mesh_config("sinkhorn_separate")
     results = {}
     for shape in ((1, 1), (2, 4)):
         cs = mesh_config("sinkhorn_separate")
@@ -512,10 +512,7 @@ def test_sharded_sinkhorn_with_n_shards_from_the_mesh():
         losses, state, _ = _run_steps_on_mesh(cs, shape, 2, seed=4)
         assert "ibot_head" in state["teacher"]
         results[shape] = (losses, jax.device_get(state))
-    # n_shards matters for this recipe: the single-device default (1 shard) differs
-    c.loss.n_shards = 1
-    one, _, _ = _run_steps_on_mesh(c, (1, 1), 1, seed=4)
-    assert rel_err(one[0]["koleo_loss"], results[(1, 1)][0][0]["koleo_loss"]) > 1e-3
+    # (that n_shards changes KoLeo, per official GPU, is tested in test_losses.py)
     _assert_same_run(results, 2)
 
 
