@@ -385,6 +385,10 @@ def test_untrainable_leaf_is_never_touched():
     )
     np.testing.assert_array_equal(np.asarray(new["g"]), p["g"])
     assert optim.adam_state(s) is None
+    with pytest.raises(TypeError, match="missing \\['wd'\\]"):
+        tx.update(p, state, p, lr=1.0, last_layer_lr=1.0)
+    with pytest.raises(TypeError, match="unknown \\['momentum'\\]"):
+        tx.update(p, state, p, lr=1.0, last_layer_lr=1.0, wd=0.1, momentum=0.9)
 
 
 # ---------------------------------------------------------------------------------------------
