@@ -133,6 +133,33 @@ def test_distributed_needs_full_coordinates(monkeypatch):
     assert maybe_initialize("127.0.0.1:1234", num_processes=1, process_id=0) is False
 
 
+@pytest.mark.parametrize(
+    "env, visible",
+    [
+        ({"SLURM_NTASKS": "8", "SLURM_PROCID": "3"}, True),  # srun with several tasks
+        ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}, False),  # a one-task SLURM job
+        ({"SLURM_NTASKS": "8"}, False),  # sbatch shell outside srun: not one of the tasks
+        ({"OMPI_COMM_WORLD_SIZE": "4"}, True),  # mpirun
+        ({"OMPI_COMM_WORLD_SIZE": "1"}, False),
+        ({"TPU_WORKER_HOSTNAMES": "t1v-0,t1v-1"}, True),  # a multi-host TPU slice
+        ({"TPU_WORKER_HOSTNAMES": "localhost"}, False),  # a single-host TPU VM
+        ({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.2:8080"}, True),  # multislice
+        ({}, False),
+    ],
+)
+def test_cluster_detection(monkeypatch, env, visible):
+    """Which launchers make train.py call jax.distributed.initialize() with JAX's own cluster
+    detection (no flags): several SLURM tasks, Open MPI, multi-host TPU slices, multislice."""
+    from dinojax.train import distributed
+
+    for k in ("SLURM_NTASKS", "SLURM_PROCID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
+              "MEGASCALE_COORDINATOR_ADDRESS"):  # fmt: skip
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert distributed._cluster_visible() is visible
+
+
 def test_durations_in_steps():
     """`optim.total_steps` replaces epochs x epoch_length: every schedule ends at its final value
     at total_steps, warm-ups are in steps (defaulting to their epochs x epoch_length)."""
