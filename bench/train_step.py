@@ -95,7 +95,7 @@ def main(argv: list[str]) -> None:
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "label": _LABEL.value,
         "config": config_flags.get_config_filename(flags.FLAGS["config"]),
-        "config_arg": config_flags.get_override_values(flags.FLAGS["config"]) or None,
+        "config_overrides": config_flags.get_override_values(flags.FLAGS["config"]) or None,
         "arch": config.model.arch,
         "overrides": config.model.overrides.to_dict(),
         "batch_size": config.batch_size,
