@@ -209,9 +209,14 @@ def test_pipeline_skips_records_tfds_cannot_decode(tmp_path):
     tfds_builders.build(tfds_builders.DinojaxTinyCorrupt, d)
     tfds_builders.corrupt_records(d, "dinojax_tiny_corrupt", {4: "proto", 7: "feature"})
     src = TfdsSource("dinojax_tiny_corrupt", data_dir=d)
-    for i in (4, 7):
-        with pytest.raises(Exception):  # noqa: B017 - whatever TFDS raises; the pipeline skips it
-            src[i]
+    # What TFDS raises for each (measured): protobuf's DecodeError for the non-Example bytes, a
+    # TypeError from its feature decoder for the missing image. The pipeline must skip both.
+    from google.protobuf.message import DecodeError
+
+    with pytest.raises(DecodeError):
+        src[4]
+    with pytest.raises(TypeError):
+        src[7]
     cfg = DataConfig(
         source="tfds:dinojax_tiny_corrupt",
         data_dir=d,
