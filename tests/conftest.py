@@ -2,6 +2,8 @@
 
 import os
 import socket
+import sys
+from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -11,6 +13,21 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_platforms", "cpu")
+
+# The tiny TFDS builders (tests/data/tfds_builders.py) serve the data and the eval tests alike.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "data"))
+
+
+@pytest.fixture(scope="session")
+def tfds_dir(tmp_path_factory) -> str:
+    """A TFDS data_dir holding the tiny Tensor-feature and Image-feature datasets (array_record,
+    built without TensorFlow)."""
+    import tfds_builders
+
+    d = str(tmp_path_factory.mktemp("tfds"))
+    tfds_builders.build(tfds_builders.DinojaxTinyTensor, d)
+    tfds_builders.build(tfds_builders.DinojaxTinyImage, d)
+    return d
 
 
 @pytest.fixture(scope="session")

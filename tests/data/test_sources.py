@@ -29,14 +29,6 @@ def _save(path: Path, fmt: str, size=(20, 16), mode="RGB") -> None:
     Image.new(mode, size, 128 if mode == "L" else (10, 200, 30)).save(path, fmt)
 
 
-@pytest.fixture(scope="module")
-def tfds_dir(tmp_path_factory) -> str:
-    d = str(tmp_path_factory.mktemp("tfds"))
-    tfds_builders.build(tfds_builders.DinojaxTinyTensor, d)
-    tfds_builders.build(tfds_builders.DinojaxTinyImage, d)
-    return d
-
-
 def test_image_folder_labelled(tmp_path):
     _save(tmp_path / "b_cls" / "x.JPG", "JPEG")
     _save(tmp_path / "b_cls" / "y.png", "PNG")
@@ -146,17 +138,17 @@ def test_tfds_source_in_fresh_interpreter(tfds_dir):
     assert out.stdout.decode().split() == [str(len(src)), str(len(src[0]["image"]))]
 
 
-def test_pipeline_over_tfds_skips_truncated(tfds_dir):
-    cfg = DataConfig(
-        source="tfds:dinojax_tiny_image:train",
-        data_dir=tfds_dir,
-        batch_size=4,
-        augment=DataConfig().augment.__class__(
-            global_crops_size=28, local_crops_size=14, local_crops_number=2
-        ),
+def _small_pipeline(source: str, data_dir: str):
+    """Host batches of 4 images (2 x 28 px + 2 x 14 px crops) from one process."""
+    augment = DataConfig().augment.__class__(
+        global_crops_size=28, local_crops_size=14, local_crops_number=2
     )
-    pipe = DinoDataPipeline(config=cfg, process_index=0, process_count=1)
-    it = pipe.host_iterator()
+    cfg = DataConfig(source=source, data_dir=data_dir, batch_size=4, augment=augment)
+    return DinoDataPipeline(config=cfg, process_index=0, process_count=1).host_iterator()
+
+
+def test_pipeline_over_tfds_skips_truncated(tfds_dir):
+    it = _small_pipeline("tfds:dinojax_tiny_image:train", tfds_dir)
     batches = [next(it) for _ in range(2)]  # one full epoch of 8 records
     assert sum(b["n_bad"] for b in batches) == 1
     assert all(b["global_crops"].shape == (8, 28, 28, 3) for b in batches)
@@ -217,16 +209,7 @@ def test_pipeline_skips_records_tfds_cannot_decode(tmp_path):
         src[4]
     with pytest.raises(TypeError):
         src[7]
-    cfg = DataConfig(
-        source="tfds:dinojax_tiny_corrupt",
-        data_dir=d,
-        batch_size=4,
-        augment=DataConfig().augment.__class__(
-            global_crops_size=28, local_crops_size=14, local_crops_number=2
-        ),
-    )
-    pipe = DinoDataPipeline(config=cfg, process_index=0, process_count=1)
-    it = pipe.host_iterator()
+    it = _small_pipeline("tfds:dinojax_tiny_corrupt", d)
     batches = [next(it) for _ in range(3)]  # one epoch of 12 records
     bad_keys = {k for b in batches for k, _ in b["bad"]}
     assert bad_keys == {"dinojax_tiny_corrupt/train[4]", "dinojax_tiny_corrupt/train[7]"}

@@ -4,28 +4,14 @@ corrupt record stops with one line naming it."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
-import pytest
+import tfds_builders  # tests/data, put on sys.path by tests/conftest.py
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
-import tfds_builders  # noqa: E402
-
-from dinojax.data.sources import TfdsSource  # noqa: E402
-from dinojax.eval import extract, knn  # noqa: E402
+from dinojax.data.sources import TfdsSource
+from dinojax.eval import extract, knn
 
 MODEL = ["--arch", "dinov2_vits14", "--random", "--override", "depth=1", "--override",
          "embed_dim=32", "--override", "num_heads=1", "--override", "img_size=28"]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def tfds_dir(tmp_path_factory) -> str:
-    d = str(tmp_path_factory.mktemp("tfds"))
-    tfds_builders.build(tfds_builders.DinojaxTinyTensor, d)
-    tfds_builders.build(tfds_builders.DinojaxTinyImage, d)
-    return d
 
 
 def test_extract_tfds_with_progress(tfds_dir, tmp_path, capsys):

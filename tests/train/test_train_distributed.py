@@ -24,6 +24,7 @@ from dinojax.train.checkpoint import Checkpointer
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = "tests/train/tiny_recipe.py:dino_vits16"
+DINOV2 = "tests/train/tiny_recipe.py:dinov2"
 
 
 def _env(devices: int) -> dict[str, str]:
@@ -52,16 +53,17 @@ def _losses(workdir: Path) -> dict[int, float]:
     return out
 
 
-def _run_two_and_one(tmp_path: Path, recipe: str) -> tuple[Path, Path, list[str]]:
-    single, multi = tmp_path / "single", tmp_path / "multi"
+def _spawn_two(workdir: Path, *extra: str, recipe: str = RECIPE) -> list[subprocess.Popen]:
+    """Two train.py processes (2 CPU devices each) joined by a coordinator on 127.0.0.1."""
     port = _free_port()
-    procs = [
+    return [
         subprocess.Popen(
             _cmd(
-                multi,
+                workdir,
                 f"--coordinator_address=127.0.0.1:{port}",
                 "--num_processes=2",
                 f"--process_id={i}",
+                *extra,
                 recipe=recipe,
             ),
             cwd=ROOT,
@@ -72,6 +74,11 @@ def _run_two_and_one(tmp_path: Path, recipe: str) -> tuple[Path, Path, list[str]
         )  # fmt: skip
         for i in range(2)
     ]
+
+
+def _run_two_and_one(tmp_path: Path, recipe: str) -> tuple[Path, Path, list[str]]:
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    procs = _spawn_two(multi, recipe=recipe)
     ref = subprocess.run(
         _cmd(single, recipe=recipe), cwd=ROOT, env=_env(4), capture_output=True, text=True
     )
@@ -135,28 +142,6 @@ def test_two_processes_equal_one(tmp_path, recipe):
     )  # fmt: skip
 
 
-def _spawn_two(workdir: Path, *extra: str) -> list[subprocess.Popen]:
-    port = _free_port()
-    return [
-        subprocess.Popen(
-            _cmd(
-                workdir,
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-                *extra,
-                recipe="tests/train/tiny_recipe.py:dinov2",
-            ),
-            cwd=ROOT,
-            env=_env(2),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for i in range(2)
-    ]
-
-
 @pytest.mark.slow
 def test_sigterm_on_one_host_checkpoints_every_host_and_resume_is_exact(tmp_path):
     """Preemption of a multi-host run: SIGTERM reaches ONE process (as a spot-VM notice reaches
@@ -172,11 +157,11 @@ def test_sigterm_on_one_host_checkpoints_every_host_and_resume_is_exact(tmp_path
 
     steps = ["--config.optim.epochs=6"]  # 24 steps
     run, ref_dir = tmp_path / "preempted", tmp_path / "uninterrupted"
-    procs = _spawn_two(ref_dir, *steps)
+    procs = _spawn_two(ref_dir, *steps, recipe=DINOV2)
     outs = [p.communicate(timeout=900)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outs]
 
-    procs = _spawn_two(run, *steps)
+    procs = _spawn_two(run, *steps, recipe=DINOV2)
     deadline = time.monotonic() + 600
     while not ((run / "metrics.jsonl").exists() and len(_losses(run)) >= 3):
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
@@ -191,7 +176,7 @@ def test_sigterm_on_one_host_checkpoints_every_host_and_resume_is_exact(tmp_path
         saved.close()
     assert 3 <= last < 24 and f"SIGTERM: checkpoint {last} written" in outs[0], outs[0][-2000:]
 
-    procs = _spawn_two(run, *steps)
+    procs = _spawn_two(run, *steps, recipe=DINOV2)
     outs = [p.communicate(timeout=900)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outs]
     assert "resumed from checkpoint" in outs[0]
