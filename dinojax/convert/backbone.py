@@ -1,9 +1,11 @@
 """Official backbone state dicts <-> dinojax parameter trees.
 
-The table below is the whole mapping (official-dino.md §1.4): our paths are the official keys with
-`kernel` for Linear/Conv weights (transposed) and `scale` for LayerNorm weights, and all blocks
-stacked on a leading axis (`blocks.attn.qkv.kernel[i]` is `blocks.{i}.attn.qkv.weight.T`).
-Conversion is strict: every missing, unexpected or mis-shaped key is reported at once.
+The table below is the whole mapping (official keys: the `state_dict` of facebookresearch/dinov2
+`dinov2/models/vision_transformer.py` `DinoVisionTransformer`; docs/parity.md "Checkpoints"): our
+paths are the official keys with `kernel` for Linear/Conv weights (transposed) and `scale` for
+LayerNorm weights, and all blocks stacked on a leading axis (`blocks.attn.qkv.kernel[i]` is
+`blocks.{i}.attn.qkv.weight.T`). Conversion is strict: every missing, unexpected or mis-shaped key
+is reported at once.
 """
 
 from __future__ import annotations
@@ -164,7 +166,10 @@ _CHUNKED = re.compile(r"^blocks\.(\d+)\.(\d+)\.(.*)$")
 
 
 def dechunk(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """`blocks.{chunk}.{i}.x` (block_chunks > 0, training checkpoints) -> `blocks.{i}.x` (§1.4)."""
+    """`blocks.{chunk}.{i}.x` (block_chunks > 0, training checkpoints) -> `blocks.{i}.x`.
+
+    Chunked blocks (`BlockChunk` in `dinov2/models/vision_transformer.py`) keep global block
+    indices, so dropping the chunk index is enough."""
     out = {}
     for k, v in sd.items():
         m = _CHUNKED.match(k)
@@ -378,7 +383,8 @@ def detect_config(sd: dict[str, np.ndarray], arch: str | None = None) -> ViTConf
             qkv_bias="blocks.0.attn.qkv.bias" in sd,
             proj_bias="blocks.0.attn.proj.bias" in sd,
             ffn_bias=any(k.startswith("blocks.0.mlp.") and k.endswith(".bias") for k in sd),
-            # §1.7: v1 stochastic depth is linspace(0, rate, depth); v2 recipes use uniform.
+            # v1 stochastic depth is linspace(0, rate, depth) (facebookresearch/dino
+            # `vision_transformer.py`); v2 recipes use uniform (`drop_path_uniform: true`).
             drop_path_uniform=v2,
         )
     except ValueError as e:  # any combination ViTConfig refuses that the checks above missed

@@ -5,7 +5,7 @@ A converted checkpoint is a directory:
     DST/dinojax.json   format version, architecture (ViTConfig), head configs, source
     DST/state/         orbax checkpoint of {"backbone": params, "heads": {...}, "extras": {...}}
 
-Accepted sources (detected from the contents, official-dino.md §1.4 and §2):
+Accepted sources (detected from the contents; docs/parity.md "Checkpoints"):
   hub      official hub backbone `.pth` (v2, v2 with registers, v1): flat backbone keys
   teacher  DINOv2 `teacher_checkpoint.pth`: {"teacher": {"backbone.blocks.{c}.{i}...",
            "dino_head.*", "ibot_head.*"}}

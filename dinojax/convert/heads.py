@@ -1,6 +1,7 @@
 """Official `DINOHead` state dicts <-> `dinojax.models.heads.DINOHead` parameter trees.
 
-Mapping (official-dino.md §2; `use_bn=False`, the only setting of the official configs):
+Mapping (`dinov2/layers/dino_head.py` `DINOHead`, facebookresearch/dinov2; `use_bn=False`, the only
+setting of the official configs):
 
     torch key                      shape             ours (nnx.to_pure_dict of the Params)
     mlp.{2i}.weight / .bias        (out, in) / (out)  mlp[i].kernel (in, out) / mlp[i].bias
@@ -102,9 +103,10 @@ def expected_torch_shapes(cfg: Mapping) -> dict[str, tuple[int, ...]]:
 def dino_head_from_torch(sd: Mapping) -> dict:
     """Official `DINOHead.state_dict()` -> pure dict for `nnx.replace_by_pure_dict` / `nnx.update`.
 
-    Strict (official-dino.md §2: the official eval loader is strict=False and silently ignores
-    mismatches; this converter is not): raises ValueError (`ConversionError`) naming every
-    missing, unexpected or wrongly shaped key. Arrays come back as float32.
+    Strict (the official eval loader, `dinov2/utils/utils.py` `load_pretrained_weights`, is
+    strict=False and silently ignores mismatches; this converter is not): raises ValueError
+    (`ConversionError`) naming every missing, unexpected or wrongly shaped key. Arrays come back as
+    float32.
     """
     sd = _numpy(sd)
     cfg = head_config_from_torch(sd)

@@ -1,4 +1,5 @@
-"""The DINO / iBOT projection head (official-dino.md §2).
+"""The DINO / iBOT projection head (`dinov2/layers/dino_head.py` `DINOHead`,
+facebookresearch/dinov2).
 
 `DINOHead` maps backbone tokens (CLS or masked patch tokens) to prototype logits:
 
@@ -16,7 +17,8 @@ torch `weight_v (K, bottleneck)` transposed) and `last_layer.weight_g (K,)` (tor
 
 `weight_g` is always an `nnx.Param`. DINO v1's `norm_last_layer=True` (weight_g frozen at 1) is
 a property of the optimizer, not of the module: the optimizer must leave `last_layer.weight_g`
-untouched (no update, no weight decay) for that recipe. DINOv2 trains it (official-dino.md §2).
+untouched (no update, no weight decay) for that recipe. DINOv2 trains it (its `DINOHead` has no
+`norm_last_layer` option).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ LOGICAL_AXES = {
 
 
 def _trunc_normal(std: float):
-    # torch trunc_normal_(std=.02) cuts at absolute +-2 = +-100 sigma (official-dino.md §1.7);
+    # torch trunc_normal_(std=.02) cuts at absolute +-2 = +-100 sigma (torch.nn.init docs);
     # Flax's truncated_normal takes the bounds in units of sigma.
     return jax.nn.initializers.truncated_normal(std, lower=-2.0 / std, upper=2.0 / std)
 
@@ -65,7 +67,8 @@ def _annotated(init, names: tuple[str, ...]):
 
 
 def l2_normalize(x: Array, eps: float = NORMALIZE_EPS) -> Array:
-    """`F.normalize(x, p=2, dim=-1, eps)`: x / max(||x||, eps) (official-dino.md §2)."""
+    """`F.normalize(x, p=2, dim=-1, eps)`: x / max(||x||, eps), as in the official
+    `DINOHead.forward`."""
     norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
     return x / jnp.maximum(norm, eps)
 
@@ -74,7 +77,8 @@ class WeightNormLinear(nnx.Module):
     """Bias-free `weight_norm(nn.Linear(bottleneck, K))`: logits_k = g_k <v_k/||v_k||, z>."""
 
     def __init__(self, in_dim: int, out_dim: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        # official-dino.md §1.7: weight_v keeps nn.Linear's default init, weight_g = 1.
+        # The official `DINOHead` applies its init hook before creating `last_layer`, so weight_v
+        # keeps nn.Linear's default init; weight_g = 1.
         v_init = _annotated(_torch_linear_default(in_dim), LOGICAL_AXES["weight_v"])
         g_init = _annotated(jax.nn.initializers.ones, LOGICAL_AXES["weight_g"])
         self.weight_v = nnx.Param(v_init(rngs.params(), (in_dim, out_dim), param_dtype))
@@ -126,7 +130,7 @@ class DINOHead(nnx.Module):
             dims = [(in_dim, hidden_dim, LOGICAL_AXES["first"])]
             dims += [(hidden_dim, hidden_dim, LOGICAL_AXES["hidden"])] * (nlayers - 2)
             dims += [(hidden_dim, bottleneck_dim, LOGICAL_AXES["last"])]
-        # official-dino.md §1.7: every MLP Linear is trunc_normal(0.02) with zero bias.
+        # `DINOHead._init_weights`: every MLP Linear is trunc_normal(0.02) with zero bias.
         self.mlp = nnx.List(
             [
                 nnx.Linear(
@@ -155,5 +159,5 @@ class DINOHead(nnx.Module):
             x = layer(x)
             if i < n - 1:
                 x = jax.nn.gelu(x, approximate=False)  # nn.GELU() is the exact erf form
-        z = l2_normalize(x.astype(jnp.float32))  # official-dino.md §2: F.normalize, eps 1e-12
+        z = l2_normalize(x.astype(jnp.float32))  # F.normalize, eps 1e-12
         return self.last_layer(z)

@@ -1,11 +1,13 @@
 """The DINO / DINOv2 vision transformer, readable top to bottom.
 
-One Flax NNX `DinoVisionTransformer` covers every official backbone (official-dino.md §1). Modules
+One Flax NNX `DinoVisionTransformer` covers every official backbone: facebookresearch/dinov2
+`dinov2/models/vision_transformer.py` `DinoVisionTransformer` and facebookresearch/dino
+`vision_transformer.py` `VisionTransformer` (docs/parity.md lists the behaviours kept). Modules
 here only *hold* parameters, named like the official state-dict keys (`blocks.attn.qkv.kernel`
 is `blocks.{i}.attn.qkv.weight` transposed, `ls1.gamma`, `mlp.fc1`, ...); the computation is a set
 of pure functions over the parameter dict. That keeps the stacked blocks a plain pytree that
-`jax.lax.scan` / `jax.checkpoint` can walk (jax-ecosystem.md pitfalls 5 and 10) and makes the
-converter a dictionary.
+`jax.lax.scan` / `jax.checkpoint` walk directly, with no NNX graph transform (no shared Variables,
+no module state lifted across trace levels), and makes the converter a dictionary.
 
 Images are NHWC float32, already normalised. The blocks are stacked (leading axis = depth) and run
 with `jax.lax.scan`; every parameter carries logical sharding names (`out_sharding` metadata).
@@ -29,7 +31,8 @@ Array = jax.Array
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 # ---------------------------------------------------------------------------------------------
-# Initialisers (official-dino.md §1.7)
+# Initialisers (`dinov2/models/vision_transformer.py` `init_weights`; docs/parity.md
+# "Initialisation")
 # ---------------------------------------------------------------------------------------------
 
 
@@ -173,7 +176,8 @@ def _dense(p: dict, x: Array, dtype) -> Array:
 
 
 def layer_norm(p: dict, x: Array, eps: float) -> Array:
-    """LayerNorm with float32 statistics and the two-pass variance (official-dino.md §1.5)."""
+    """LayerNorm with float32 statistics and the two-pass variance, as torch computes it (Flax's
+    default fast variance differs; docs/parity.md "Tokens, blocks and numerics")."""
     xf = x.astype(jnp.float32)
     mean = jnp.mean(xf, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
@@ -183,7 +187,7 @@ def layer_norm(p: dict, x: Array, eps: float) -> Array:
 
 
 def _gelu(x: Array) -> Array:
-    return jax.nn.gelu(x, approximate=False)  # nn.GELU() is the exact erf form (§1.5)
+    return jax.nn.gelu(x, approximate=False)  # official nn.GELU() is the exact erf form
 
 
 def attention_probs(q: Array, k: Array, scale: float) -> Array:
@@ -193,8 +197,8 @@ def attention_probs(q: Array, k: Array, scale: float) -> Array:
 
 
 def _padded_fused_attention(q, k, v, scale, implementation):
-    # cuDNN refuses odd sequence lengths in training (257/261 tokens, jax-ecosystem.md pitfall
-    # 15): pad the token axis to a multiple of 8 and pass the true lengths so padding is ignored.
+    # cuDNN's fused attention refuses odd sequence lengths in training (257/261 tokens): pad the
+    # token axis to a multiple of 8 and pass the true lengths so padding is ignored.
     b, n = q.shape[:2]
     n_pad = -(-n // 8) * 8
     if n_pad != n:
@@ -218,7 +222,8 @@ def dot_product_attention(q, k, v, *, scale: float, implementation: str = "xla")
 
 def _qkv(p: dict, x: Array, cfg: ViTConfig, dtype):
     b, n, _ = x.shape
-    # qkv rows are [q | k | v], each split by heads of 64 (official-dino.md §1.4).
+    # qkv rows are [q | k | v], each split by heads of 64 (`dinov2/layers/attention.py`
+    # `Attention`).
     qkv = checkpoint_name(_dense(p["qkv"], x, dtype), "qkv")
     qkv = qkv.reshape(b, n, 3, cfg.num_heads, cfg.head_dim)
     return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -235,14 +240,16 @@ def _attention(p: dict, x: Array, cfg: ViTConfig, dtype) -> Array:
 def _ffn(p: dict, x: Array, cfg: ViTConfig, dtype) -> Array:
     if cfg.ffn_layer == "swiglu":
         h = checkpoint_name(_dense(p["w12"], x, dtype), "mlp_hidden")
-        x1, x2 = jnp.split(h, 2, axis=-1)  # x1 (first half) is the SiLU gate (§1.2)
+        # x1 (first half) is the SiLU gate (`dinov2/layers/swiglu_ffn.py` `SwiGLUFFN`).
+        x1, x2 = jnp.split(h, 2, axis=-1)
         return _dense(p["w3"], jax.nn.silu(x1) * x2, dtype)
     h = checkpoint_name(_gelu(_dense(p["fc1"], x, dtype)), "mlp_hidden")
     return _dense(p["fc2"], h, dtype)
 
 
 def _drop_add_residual(x, residual_fn, rate, key, batch_subset):
-    """Residual add with stochastic depth (official-dino.md §1.7)."""
+    """Residual add with stochastic depth (`dinov2/layers/block.py`; docs/parity.md "Stochastic
+    depth")."""
     if batch_subset:
         # rate > 0.1: the residual is computed for a random subset of the batch only and added
         # back scaled by B / subset (drop_add_residual_stochastic_depth).
@@ -273,7 +280,9 @@ def block_forward(p: dict, x: Array, cfg: ViTConfig, *, rate=0.0, key=None) -> A
         x = x + attn_res(x)
         x = x + ffn_res(x)
     else:
-        # v2 picks batch-subset stochastic depth above 0.1; v1 is always per-sample (§1.7).
+        # v2 picks batch-subset stochastic depth above 0.1 (`dinov2/layers/block.py`
+        # `Block.forward`); v1 is always per-sample (facebookresearch/dino `vision_transformer.py`
+        # `drop_path`).
         batch_subset = cfg.family == "dinov2" and isinstance(rate, float) and rate > 0.1
         k1, k2 = jax.random.split(key)
         x = _drop_add_residual(x, attn_res, rate, k1, batch_subset)
@@ -355,7 +364,8 @@ def _torch_cubic_coefficients(t: np.ndarray) -> list[np.ndarray]:
 
 def torch_bicubic_weights(n_in: int, n_out: int, scale_factor: float | None) -> np.ndarray:
     """(n_out, n_in) float32 matrix of PyTorch's bicubic resampling without antialias
-    (official-dino.md §1.6 facts 1-2): Keys a=-0.75, tap indices clamped to the edge.
+    (`F.interpolate(mode="bicubic")`, docs/parity.md "Position embeddings"): Keys a=-0.75, tap
+    indices clamped to the edge.
 
     The sizes are static, so the matrix is built here in numpy, rounded like the ATen kernel:
     the scale is float32(1 / scale_factor) (`compute_scales_value`; float32(n_in) / n_out on the
@@ -382,21 +392,24 @@ def _resize_pos_grid(grid: Array, h0: int, w0: int, cfg: ViTConfig) -> Array:
     d = grid.shape[-1]
     off = cfg.interpolate_offset
     if not cfg.interpolate_antialias:
-        # official-dino.md §1.6 fact 1: with an offset, F.interpolate(scale_factor=(h0 + 0.1) / M)
-        # samples at (i + 0.5) * M / (h0 + 0.1) - 0.5, which is NOT a resize to (h0, w0); fact 2:
-        # Keys a=-0.75 with clamped edges. Separable, W (inner sum in ATen) first, then H.
+        # `dinov2/models/vision_transformer.py` `interpolate_pos_encoding` with an offset calls
+        # F.interpolate(scale_factor=(h0 + 0.1) / M), which samples at (i + 0.5) * M / (h0 + 0.1)
+        # - 0.5: NOT a resize to (h0, w0). Kernel: Keys a=-0.75 with clamped edges. Separable, W
+        # (inner sum in ATen) first, then H.
         wy = torch_bicubic_weights(m, h0, (h0 + off) / m if off else None)
         wx = torch_bicubic_weights(m, w0, (w0 + off) / m if off else None)
         out = jnp.einsum("ox,yxd->yod", wx, grid, precision=_HIGHEST)
         return jnp.einsum("py,yod->pod", wy, out, precision=_HIGHEST)
     if off:
-        # Antialiased scale-factor path (no official model uses it): the a=-0.5 filter (fact 3).
+        # Antialiased scale-factor path (no official model uses it): torch's antialiased a=-0.5
+        # filter.
         scale = jnp.array([(h0 + off) / m, (w0 + off) / m], jnp.float32)
         return jax.image.scale_and_translate(
             grid, (h0, w0, d), (0, 1), scale, jnp.zeros(2, jnp.float32),
             method="cubic-pytorch", antialias=True, precision=_HIGHEST,
         )  # fmt: skip
-    # Register models: size path (§1.6 fact 3), matched by the antialiased a=-0.5 resize.
+    # Register models: F.interpolate(size=(h0, w0), antialias=True), matched by the antialiased
+    # a=-0.5 resize (docs/parity.md "Position embeddings").
     return jax.image.resize(
         grid, (h0, w0, d), method="cubic-pytorch", antialias=True, precision=_HIGHEST
     )
@@ -405,7 +418,8 @@ def _resize_pos_grid(grid: Array, h0: int, w0: int, cfg: ViTConfig) -> Array:
 def interpolate_pos_encoding(
     pos_embed: Array, h0: int, w0: int, height: int, width: int, cfg: ViTConfig
 ) -> Array:
-    """Pos-embed for an (h0, w0) patch grid from an (height, width) image (§1.6)."""
+    """Pos-embed for an (h0, w0) patch grid from an (height, width) image: the official
+    `interpolate_pos_encoding` (`dinov2/models/vision_transformer.py`)."""
     n = pos_embed.shape[1] - 1
     # Short-circuit only when the patch count matches AND the image is square in pixels.
     if h0 * w0 == n and height == width:
@@ -425,7 +439,8 @@ def interpolate_pos_encoding(
 
 
 class DinoVisionTransformer(nnx.Module):
-    """DINO / DINOv2 ViT. Parameter paths mirror the official state-dict keys (§1.4)."""
+    """DINO / DINOv2 ViT. Parameter paths mirror the official state-dict keys (docs/parity.md
+    "Checkpoints")."""
 
     def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -479,14 +494,16 @@ class DinoVisionTransformer(nnx.Module):
                 raise ValueError(f"{cfg.name} (DINO v1) has no mask token: masks are not supported")
             if masks.shape != (b, h0 * w0):
                 raise ValueError(f"masks must have shape {(b, h0 * w0)}, got {masks.shape}")
-            # The mask token replaces the patch embedding and still gets the pos-embed (§1.5).
+            # The mask token replaces the patch embedding and still gets the pos-embed
+            # (`dinov2/models/vision_transformer.py` `prepare_tokens_with_masks`).
             t = jnp.where(masks[..., None], params["mask_token"].astype(dtype)[None], t)
         cls = jnp.broadcast_to(params["cls_token"].astype(dtype), (b, 1, cfg.embed_dim))
         t = jnp.concatenate([cls, t], axis=1)
         pos = interpolate_pos_encoding(params["pos_embed"], h0, w0, height, width, cfg)
         t = t + pos.astype(dtype)
         if cfg.num_register_tokens:
-            # Registers come after the pos-embed add and get no position (§1.5 step 4).
+            # Registers come after the pos-embed add and get no position
+            # (`prepare_tokens_with_masks`).
             reg = jnp.broadcast_to(
                 params["register_tokens"].astype(dtype), (b, cfg.num_register_tokens, cfg.embed_dim)
             )
@@ -526,9 +543,10 @@ class DinoVisionTransformer(nnx.Module):
         norm: bool = True,
     ) -> tuple:
         """Outputs of the last `n` blocks (or of the 0-based blocks listed in `n`), official
-        semantics (§1.5): final norm applied when `norm`, registers dropped, `reshape` gives
-        (B, h, w, D). Outputs come in block order whatever the order of `n`: the official code
-        walks the blocks and appends block i when `i in n`."""
+        semantics (`dinov2/models/vision_transformer.py` `get_intermediate_layers`): final norm
+        applied when `norm`, registers dropped, `reshape` gives (B, h, w, D). Outputs come in block
+        order whatever the order of `n`: the official code walks the blocks and appends block i when
+        `i in n`."""
         cfg = self.cfg
         depth = cfg.depth
         take = list(range(depth - n, depth)) if isinstance(n, int) else [int(i) for i in n]
@@ -559,7 +577,8 @@ class DinoVisionTransformer(nnx.Module):
 
     def get_last_self_attention(self, x: Array) -> Array:
         """Attention probabilities of the last block, (B, heads, N, N) with N = 1 + R + patches:
-        DINO v1's `get_last_selfattention`, for v2 models too (§1.5)."""
+        DINO v1's `get_last_selfattention` (facebookresearch/dino `vision_transformer.py`), for v2
+        models too."""
         cfg = self.cfg
         params = self.params()
         t = self.prepare_tokens(params, x)
