@@ -1,7 +1,8 @@
 """Paper estimate: step time and memory per chip of the official ViT-g/14 DINOv2 recipe on TPU v5p.
 
-Nothing here runs a model: it is arithmetic on the recipe (`configs/dinov2_vitg14.py`,
-official-dino.md §1.2, §4.1) so the assumptions are explicit and can be checked against a real run.
+Nothing here runs a model: it is arithmetic on the recipe (`configs/dinov2_vitg14.py`, after
+facebookresearch/dinov2 `dinov2/configs/train/vitg14.yaml` and `dinov2/hub/backbones.py`) so the
+assumptions are explicit and can be checked against a real run.
 
     python bench/estimate_tpu.py [--batch 3072] [--hfu 0.45] [--markdown]
 
@@ -40,7 +41,7 @@ K = int(RECIPE.heads.out_dim)  # prototypes (DINO and iBOT heads of vitg14.yaml)
 DINO_BOTTLENECK = int(RECIPE.heads.bottleneck_dim)
 IBOT_BOTTLENECK = int(RECIPE.heads.ibot_bottleneck_dim)
 HEAD_HIDDEN = int(RECIPE.heads.hidden_dim)
-BACKBONE_PARAMS = 1_136_480_768  # official-dino.md §1.2 [verified]
+BACKBONE_PARAMS = 1_136_480_768  # hub dinov2_vitg14; tests/models/test_vit_build.py checks it
 MASKED_PER_IMAGE = 0.5 * 2 * 0.3 * 256  # half the global crops masked, mean ratio 0.3 of 256
 
 

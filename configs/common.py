@@ -1,8 +1,9 @@
 """The config schema every recipe fills (ml_collections), with the official DINOv2 defaults.
 
-`base_config()` is the official `ssl_default_config.yaml` (= `vitl16_short` except block chunks;
-official-dino.md §4.1). Recipes in this folder copy it and change what their official yaml
-changes; `smoke(config)` shrinks any recipe to a CPU-sized run without changing its code path.
+`base_config()` is the official `dinov2/configs/ssl_default_config.yaml` (facebookresearch/dinov2;
+= `train/vitl16_short.yaml` except block chunks). Recipes in this folder copy it and change what
+their official yaml changes; `smoke(config)` shrinks any recipe to a CPU-sized run without changing
+its code path.
 
 Sections (consumed by `dinojax.ssl` for the step and by `dinojax.train` for the loop):
   model  : `arch` (official name) + `overrides` (ViTConfig fields) for the student and teacher
@@ -31,7 +32,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.arch = "dinov2_vitl14"
-    # ViTConfig field overrides. Training builds the model at the global crop size (§4.1).
+    # ViTConfig field overrides. Training builds the model at the global crop size
+    # (`dinov2/models/__init__.py` `build_model_from_cfg` passes `crops.global_crops_size`).
     c.model.overrides = ml_collections.ConfigDict(
         dict(
             patch_size=16,
@@ -118,14 +120,14 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict()
     # FSDP over every device (-1 fills the mesh), like the official run: its FSDP shards the
-    # student, teacher and optimizer state across the whole world (official-dino.md §4.1,
-    # `compute_precision.*.sharding_strategy`). On TPU slices ICI links every chip; on GPU
-    # clusters with slow links between hosts, `(num_hosts, -1)` keeps the FSDP all-gathers inside
-    # a host (hybrid sharding). The batch is split over both axes either way, so the losses do
-    # not depend on the shape.
+    # student, teacher and optimizer state across the whole world (`dinov2/fsdp/__init__.py`,
+    # `compute_precision.*.sharding_strategy` in `ssl_default_config.yaml`). On TPU slices ICI links
+    # every chip; on GPU clusters with slow links between hosts, `(num_hosts, -1)` keeps the FSDP
+    # all-gathers inside a host (hybrid sharding). The batch is split over both axes either way, so
+    # the losses do not depend on the shape.
     c.mesh.shape = (1, -1)
     c.mesh.axes = ("data", "fsdp")
-    # Logical parameter/activation axis -> mesh axes (jax-ecosystem.md §8.3).
+    # Logical parameter/activation axis -> mesh axes (`dinojax.sharding`).
     c.mesh.rules = (
         ("batch", ("data", "fsdp")),
         ("embed", "fsdp"),

@@ -1,6 +1,6 @@
 """DINO v1 ViT-S/16 (`main_dino.py` defaults, the README's 100-epoch run: 69.3 kNN / 74.0 linear;
 `boosted`: teacher temperature 0.04 -> 0.07 over 30 epochs, trainable last-layer norm, 300 epochs,
-73.3 / 76.0; official-dino.md §4, §5).
+73.3 / 76.0; facebookresearch/dino `README.md`, "Boosting DINO performance").
 
     python train.py --config configs/dino_vits16.py --workdir /ckpt/dino_vits16
     python train.py --config configs/dino_vits16.py:boosted --workdir /ckpt/dino_vits16_boosted

@@ -1,5 +1,6 @@
 """DINOv2 default recipe: `ssl_default_config.yaml` = `train/vitl16_short.yaml` (ViT-L/16,
-ImageNet-1k, 100 epochs x 1250 iterations, batch 2048; official-dino.md §4.1).
+ImageNet-1k, 100 epochs x 1250 iterations, batch 2048; facebookresearch/dinov2 `dinov2/configs/`,
+README).
 
     python train.py --config configs/dinov2.py --workdir /ckpt/dinov2_vitl16 \
         --config.data.data_dir=/data/tfds

@@ -1,6 +1,6 @@
 """DINOv2 ViT-B/14 trained from scratch with the default (`vitl16_short`) hyper-parameters.
 
-Not an official recipe: the released ViT-B/14 was distilled from ViT-g/14 (official-dino.md §4.1).
+Not an official recipe: the released ViT-B/14 was distilled from ViT-g/14 (dinov2 `MODEL_CARD.md`).
 Only the backbone changes (ViT-B/14, crops 224 / 98), drop-path rate 0.1 as in iBOT's ViT-B.
 
     python train.py --config configs/dinov2_vitb14.py --workdir /ckpt/dinov2_vitb14

@@ -1,5 +1,6 @@
 """DINOv2 `train/vitl14.yaml`: ViT-L/14 with SwiGLU, Sinkhorn-Knopp centering, a separate iBOT
-head, 131072 prototypes, 500 epochs x 1250 iterations at batch 3072 (official-dino.md §4.1).
+head, 131072 prototypes, 500 epochs x 1250 iterations at batch 3072 (facebookresearch/dinov2
+`dinov2/configs/train/vitl14.yaml`).
 
     python train.py --config configs/dinov2_vitl14.py --workdir /ckpt/dinov2_vitl14 \
         --config.data.source=tfds:imagenet22k:train --config.data.data_dir=/data/tfds
@@ -16,7 +17,7 @@ from configs.common import base_config, parse_arg, smoke
 
 
 def vitl14_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The changes `vitl14.yaml` / `vitg14.yaml` make to the default config (§4.1)."""
+    """The changes `vitl14.yaml` / `vitg14.yaml` make to `ssl_default_config.yaml`."""
     c.batch_size = 3072  # 32 per GPU x 96 GPUs
     c.model.overrides.patch_size = 14
     c.model.overrides.ffn_layer = "swiglu"  # swiglufused

@@ -1,6 +1,6 @@
 """DINOv2 ViT-S/14 trained from scratch with the default (`vitl16_short`) hyper-parameters.
 
-Not an official recipe: the released ViT-S/14 was distilled from ViT-g/14 (official-dino.md §4.1).
+Not an official recipe: the released ViT-S/14 was distilled from ViT-g/14 (dinov2 `MODEL_CARD.md`).
 Only the backbone changes (ViT-S/14, patch-14 crops 224 / 98 like `vitl14.yaml`), and the drop-path
 rate is 0.1, the usual value for ViT-S in iBOT / DINO.
 

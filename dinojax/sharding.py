@@ -1,4 +1,5 @@
-"""Device mesh and logical-axis sharding (jax-ecosystem.md §8.3, pitfalls 1, 2, 8).
+"""Device mesh and logical-axis sharding (Flax NNX sharding metadata,
+https://flax.readthedocs.io/en/latest/guides/flax_gspmd.html).
 
 Parameters carry logical axis names in their `nnx.Param` metadata (`out_sharding`, e.g.
 `("layers", "embed", "qkv")`); a rule table (config.mesh.rules) maps each name to mesh axes. A
@@ -6,7 +7,8 @@ dimension whose size is not divisible by its mesh axes falls back to replicated,
 is used at most once per array (the first dimension that claims it wins).
 
 The mesh uses `AxisType.Auto` axes: `jax.make_mesh` defaults to Explicit axes since JAX 0.10,
-which would turn every logical constraint of the model into an error (pitfall 1).
+which would turn every logical constraint of the model into an error
+(https://docs.jax.dev/en/latest/_autosummary/jax.make_mesh.html).
 """
 
 from __future__ import annotations

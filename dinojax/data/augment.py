@@ -1,6 +1,7 @@
 """DINO / DINOv2 multi-crop augmentation on the CPU, in numpy, Pillow and OpenCV.
 
-Semantics of `DataAugmentationDINO` (official-dino.md §4.5): per image, 2 global and n local
+Semantics of `DataAugmentationDINO` (facebookresearch/dinov2 `dinov2/data/augmentations.py`;
+v1: facebookresearch/dino `main_dino.py`; docs/parity.md "Data"): per image, 2 global and n local
 crops, each with its own RandomResizedCrop (bicubic), horizontal flip, colour jitter (brightness,
 contrast, saturation, hue in random order, p=0.8), grayscale (p=0.2), Gaussian blur, solarisation
 on the second global crop, and ImageNet normalisation.
@@ -56,7 +57,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
-    """Multi-crop settings. Defaults: DINOv2 as released (official-dino.md §4.1, §4.5).
+    """Multi-crop settings. Defaults: DINOv2 as released (`dinov2/configs/ssl_default_config.yaml`
+    `crops`, `dinov2/data/augmentations.py`).
 
     `blur_p` holds the effective blur probabilities of (global crop 1, global crop 2, local
     crops). The released DINOv2 code inverts the nominal ones (1.0, 0.1, 0.5) by mistake, so its

@@ -1,11 +1,13 @@
 """iBOT block masking and the official collate bookkeeping, in numpy with explicit generators.
 
-`MaskingGenerator` follows the BEiT-style generator of the official code (official-dino.md §4.6)
+`MaskingGenerator` follows the BEiT-style generator of the official code (facebookresearch/dinov2
+`dinov2/data/masking.py` `MaskingGenerator`)
 draw for draw in distribution, but takes an explicit `np.random.Generator` instead of Python's
 global `random`, so a mask depends only on the seed it was given: the input pipeline derives that
 seed from (seed, step, process) and the masks do not change with the number of workers.
 
-`sample_masks` and `collate_masks` are the masking half of `collate_data_and_cast` (§4.7): half of
+`sample_masks` and `collate_masks` are the masking half of `collate_data_and_cast`
+(`dinov2/data/collate.py`): half of
 the global crops get a mask whose target ratio is stratified over `mask_ratio`, the list is
 shuffled, and the bookkeeping the iBOT loss needs (flat indices of masked patches padded to a
 static upper bound, per-patch weights, the count) comes with static shapes, so the training step
@@ -34,14 +36,15 @@ def official_max_num_patches(image_size: int, patch_size: int) -> float:
     """`max_num_patches` exactly as the official train script computes it.
 
     The expression `0.5 * img_size // patch_size * img_size // patch_size` is evaluated left to
-    right, so it is 128.0 for 224/14 but 98.0 for 224/16 (official-dino.md §4.6).
+    right, so it is 128.0 for 224/14 but 98.0 for 224/16 (`dinov2/train/train.py` `do_train`).
     """
     return 0.5 * image_size // patch_size * image_size // patch_size
 
 
 @dataclasses.dataclass(frozen=True)
 class MaskingConfig:
-    """iBOT masking settings; the defaults are the DINOv2 ones (official-dino.md §4.1, §4.6)."""
+    """iBOT masking settings; the defaults are the DINOv2 ones
+    (`dinov2/configs/ssl_default_config.yaml` `ibot`, `dinov2/data/masking.py`)."""
 
     patch_size: int = 14
     mask_probability: float = 0.5  # ibot.mask_sample_probability
@@ -85,10 +88,10 @@ class MaskingConfig:
 class MaskingGenerator:
     """BEiT block masking: rectangles of >= `min_num_patches` patches until a target is reached.
 
-    Semantics of `dinov2/data/masking.py` (official-dino.md §4.6): each block draws an area
-    uniformly in [min_num_patches, remaining] and a log-uniform aspect ratio, is placed uniformly,
-    and is accepted if it adds between 1 and `remaining` new patches (10 tries per block). The
-    result never exceeds the target and may fall short of it.
+    Semantics of `dinov2/data/masking.py` `MaskingGenerator._mask` / `__call__`: each block draws an
+    area uniformly in [min_num_patches, remaining] and a log-uniform aspect ratio, is placed
+    uniformly, and is accepted if it adds between 1 and `remaining` new patches (10 tries per
+    block). The result never exceeds the target and may fall short of it.
     """
 
     def __init__(
@@ -129,7 +132,7 @@ class MaskingGenerator:
         # per-call overhead would otherwise dominate this tiny loop.
         u = rng.random((10, 4))
         for t in range(10):
-            # random.uniform(a, b) == a + (b - a) * U, also when b < a (official-dino.md §4.6)
+            # random.uniform(a, b) == a + (b - a) * U, also when b < a (Python `random` docs)
             target_area = lo_area + (max_mask_patches - lo_area) * u[t, 0]
             aspect_ratio = math.exp(lo_ar + (hi_ar - lo_ar) * u[t, 1])
             h = int(round(math.sqrt(target_area * aspect_ratio)))
@@ -188,7 +191,8 @@ def _stratified_probs(n_crops: int, mask_probability: float, mask_ratio: tuple[f
 def mask_upper_bound(
     n_crops: int, n_tokens: int, mask_probability: float, mask_ratio: tuple[float, float]
 ) -> int:
-    """Static bound on the masked patches of `n_crops` global crops (official-dino.md §4.7)."""
+    """Static bound on the masked patches of `n_crops` global crops (`upperbound` in
+    `dinov2/data/collate.py` `collate_data_and_cast`)."""
     n_masked_crops, probs = _stratified_probs(n_crops, mask_probability, mask_ratio)
     n32 = np.float32(n_tokens)
     return int(sum(int(n32 * probs[i + 1]) for i in range(n_masked_crops)))
@@ -206,8 +210,8 @@ def sample_masks(
 
     `int(n_crops * mask_probability)` crops get `generator(int(N * U(p_i, p_{i+1})))` with
     `p = linspace(*mask_ratio, n + 1)` (float32 as in torch), the rest get empty masks, and the
-    list is shuffled (official-dino.md §4.7). With `return_targets`, also the requested count of
-    every row (0 for the unmasked ones), for tests.
+    list is shuffled (`dinov2/data/collate.py` `collate_data_and_cast`). With `return_targets`, also
+    the requested count of every row (0 for the unmasked ones), for tests.
     """
     n_tokens = generator.num_patches
     n_masked_crops, probs = _stratified_probs(n_crops, mask_probability, mask_ratio)

@@ -12,7 +12,8 @@ the masks of a rank's images from one seeded by (seed, step, global rank). So ba
 pure function of (seed, k, process index, process count): resuming at step `k` reproduces the
 exact batches, and the checkpointed data state is just the step.
 
-Layout. Per process, the batch is the official collate's (official-dino.md §3.1, §4.7):
+Layout. Per process, the batch is the official collate's (`dinov2/data/collate.py`
+`collate_data_and_cast`, facebookresearch/dinov2):
 `global_crops` (2b, S, S, 3) crop-major ([crop 0 of the b images; crop 1]), `local_crops`
 (n_local*b, s, s, 3) crop-major, `masks` (2b, N) aligned with `global_crops`, the collate's
 `mask_indices` / `masks_weight` padded to a static length, `n_masked`, and `labels` (b,).
@@ -259,7 +260,7 @@ class _Collate:
                 self.aug.normalize_into(e["local_crops"][k], lc[k, j])
         step = elements[0]["step"]
         out: dict[str, Any] = {
-            "global_crops": gc.reshape(2 * b, S, S, 3),  # crop-major, official-dino.md §3.1
+            "global_crops": gc.reshape(2 * b, S, S, 3),  # crop-major, like collate_data_and_cast
             "local_crops": lc.reshape(nl * b, s, s, 3),
             "labels": np.array([e["label"] for e in elements], dtype=np.int32),
             # host-side bookkeeping

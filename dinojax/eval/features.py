@@ -63,7 +63,7 @@ def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
 @dataclasses.dataclass(frozen=True)
 class Cls:
     """The final-norm CLS token, `model(x)` (official `forward`); L2-normalised if `normalize`
-    (the kNN protocol's `ModelWithNormalize`, official-dino.md §5)."""
+    (the kNN protocol's `ModelWithNormalize`, `dinov2/eval/utils.py`)."""
 
     normalize: bool = False
 
@@ -106,7 +106,7 @@ class Tokens:
 
 @dataclasses.dataclass(frozen=True)
 class LinearInputs:
-    """What the linear evaluation needs from the frozen backbone (official-dino.md §5):
+    """What the linear evaluation needs from the frozen backbone (`dinov2/eval/linear.py`):
     `cls` = the CLS tokens of the last `n_blocks` blocks (B, n, D) and `avgpool` = the mean patch
     token of the last block (B, D), from `get_intermediate_layers(n, return_class_token=True)`."""
 
@@ -125,7 +125,8 @@ class LinearInputs:
 
 
 def default_mesh() -> Mesh:
-    """A 1-D mesh named "data" over every device (Auto axes, jax-ecosystem.md pitfall 1)."""
+    """A 1-D mesh named "data" over every device. Auto axes: `jax.make_mesh` now defaults to
+    Explicit axes (https://docs.jax.dev/en/latest/_autosummary/jax.make_mesh.html)."""
     return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
 
 

@@ -1,4 +1,4 @@
-"""k-NN classification of frozen features with the official DINOv2 protocol (official-dino.md §5).
+"""k-NN classification of frozen features with the official DINOv2 protocol (`dinov2/eval/knn.py`).
 
 Features: the final-norm CLS token (`model(x)`), L2-normalised, of images under the official eval
 transform (resize 256 bicubic, center crop 224). Similarity: cosine (dot product of normalised

@@ -1,6 +1,6 @@
 """Evaluation transforms on the host: the official classification eval transform and exact resizes.
 
-`EvalTransform` is DINOv2's `make_classification_eval_transform` (official-dino.md §5):
+`EvalTransform` is DINOv2's `make_classification_eval_transform` (`dinov2/data/transforms.py`):
 `Resize(256, BICUBIC)` (shorter side, torchvision semantics on a PIL image) -> `CenterCrop(224)`
 -> `ToTensor` -> `Normalize(ImageNet mean, std)`, with the same Pillow calls torchvision makes,
 so the pixels are identical. Outputs are (H, W, 3) float32 NHWC rows, the layout the model takes.

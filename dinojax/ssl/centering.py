@@ -1,4 +1,5 @@
-"""Teacher targets: EMA centering + sharpening and Sinkhorn-Knopp (official-dino.md §3.2-3.4).
+"""Teacher targets: EMA centering + sharpening and Sinkhorn-Knopp (facebookresearch/dinov2
+`dinov2/loss/dino_clstoken_loss.py` `DINOLoss`, `dinov2/loss/ibot_patch_loss.py` `iBOTPatchLoss`).
 
 Every function is pure, jit-friendly, and written on GLOBAL arrays: a batch axis sharded over a
 mesh is reduced with plain `jnp.sum`/`jnp.mean`, and XLA inserts the all-reduce that the official
@@ -44,14 +45,16 @@ def init_center(out_dim: int, *, ibot: bool = False, dtype=jnp.float32) -> Array
 
 
 def softmax_center_teacher(teacher_logits: Array, center: Array, teacher_temp) -> Array:
-    """softmax((T - c) / tau_t) over prototypes; `center` broadcastable to (K,) (§3.2)."""
+    """softmax((T - c) / tau_t) over prototypes; `center` broadcastable to (K,)
+    (`DINOLoss.softmax_center_teacher`)."""
     t = _float(teacher_logits)
     c = jnp.reshape(center, (-1,)).astype(t.dtype)
     return jax.nn.softmax(_div(t - c, teacher_temp), axis=-1)
 
 
 def update_center(center: Array, teacher_logits: Array, momentum=CENTER_MOMENTUM) -> Array:
-    """Next center m c + (1 - m) mean_rows(T), mean over the GLOBAL batch (official-dino.md §3.2).
+    """Next center m c + (1 - m) mean_rows(T), mean over the GLOBAL batch
+    (`DINOLoss.update_center` / `apply_center_update`).
 
     `teacher_logits` is (2B, K) (any row order: the mean is permutation invariant). Returns an
     array of the shape and dtype of `center`.
@@ -76,7 +79,8 @@ def center_and_update(
 def sinkhorn_knopp_teacher(
     teacher_logits: Array, teacher_temp, n_iterations: int = SINKHORN_ITERATIONS
 ) -> Array:
-    """Sinkhorn-Knopp targets (official-dino.md §3.3) for (N, K) teacher logits, N = global rows.
+    """Sinkhorn-Knopp targets (`DINOLoss.sinkhorn_knopp_teacher`) for (N, K) logits, N = global
+    rows.
 
     float32, no max-subtraction (|logit_k| <= |g_k| keeps exp finite at tau = 0.04), prototype
     sums over the global batch, and B = N (global count). Each row of the result sums to 1.
@@ -110,7 +114,8 @@ def _sinkhorn(q: Array, count, n_iterations: int, valid: Array | None) -> Array:
 def ibot_softmax_center_teacher(
     teacher_logits: Array, center: Array, teacher_temp, valid: Array | None = None
 ) -> Array:
-    """softmax((T - c_ibot) / tau_t) for (M, K) masked-token logits; padded rows set to 0 (§3.4)."""
+    """softmax((T - c_ibot) / tau_t) for (M, K) masked-token logits; padded rows set to 0
+    (`iBOTPatchLoss.softmax_center_teacher`)."""
     probs = softmax_center_teacher(teacher_logits, center, teacher_temp)
     if valid is not None:
         probs = jnp.where(valid[:, None], probs, 0)
@@ -126,7 +131,8 @@ def ibot_update_center(
     shard_ids: Array | None = None,
     n_shards: int = 1,
 ) -> Array:
-    """Next iBOT center m c + (1 - m) mean over the real masked tokens (official-dino.md §3.4).
+    """Next iBOT center m c + (1 - m) mean over the real masked tokens
+    (`iBOTPatchLoss.update_center`).
 
     `teacher_logits` (M, K) is a padded buffer, `valid` (M,) marks the real masked tokens.
     Officially each GPU takes the mean over *its own* masked tokens and the per-GPU means are
@@ -171,7 +177,7 @@ def ibot_center_and_update(
 def ibot_sinkhorn_knopp_teacher(
     teacher_logits: Array, teacher_temp, valid: Array, n_iterations: int = SINKHORN_ITERATIONS
 ) -> Array:
-    """iBOT Sinkhorn-Knopp over a padded (M, K) buffer (official-dino.md §3.3).
+    """iBOT Sinkhorn-Knopp over a padded (M, K) buffer (`iBOTPatchLoss.sinkhorn_knopp_teacher`).
 
     B = global number of real masked tokens (`sum(valid)`); padded rows are excluded from every
     sum and come back as zero rows.

@@ -1,12 +1,14 @@
-"""DINO, iBOT and KoLeo losses (official-dino.md §3), pure functions on GLOBAL arrays.
+"""DINO, iBOT and KoLeo losses (facebookresearch/dinov2 `dinov2/loss/`), pure functions on GLOBAL
+arrays.
 
-Batch layout (official-dino.md §3.1): crop-major. Global crops are (2B, ...) = [crop 0 of all B
-images; crop 1 of all B images], local crops (n_local*B, ...) likewise. B is the GLOBAL number of
-images; sharding the batch over a mesh changes nothing in these formulas except for KoLeo (and
-optionally the iBOT center), which the official code computes per GPU: there the number of data
-shards is an explicit static argument.
+Batch layout (`dinov2/data/collate.py` `collate_data_and_cast`): crop-major. Global crops are (2B,
+...) = [crop 0 of all B images; crop 1 of all B images], local crops (n_local*B, ...) likewise. B is
+the GLOBAL number of images; sharding the batch over a mesh changes nothing in these formulas except
+for KoLeo (and optionally the iBOT center), which the official code computes per GPU: there the
+number of data shards is an explicit static argument.
 
-How the trainer wires one step (official-dino.md §3.1-3.6; teacher side under stop_gradient):
+How the trainer wires one step (`dinov2/train/ssl_meta_arch.py` `SSLMetaArch.forward_backward`;
+teacher side under stop_gradient):
 
     # teacher: backbone(global crops) in eval mode, no masks
     t_cls = swap_global_crops(teacher_head(t_out["x_norm_clstoken"]))   # (2B, K), crop 1 first
@@ -23,9 +25,10 @@ How the trainer wires one step (official-dino.md §3.1-3.6; teacher side under s
     dino_local, dino_global = dino_loss(s_global, s_local, p_cls)
     ibot = ibot_patch_loss(s_patch, p_patch, buf.weights, buf.valid, n_images=2 * B)
     koleo = koleo_loss(s_glob["x_norm_clstoken"], n_shards=n_shards)  # backbone CLS, pre-head
-    loss = dino_w * (dino_local + dino_global) + koleo_w * koleo + ibot_w * ibot   # §3.6
+    loss = dino_w * (dino_local + dino_global) + koleo_w * koleo + ibot_w * ibot
 
-`temp` (teacher temperature) may be a traced scalar computed from the step (pitfall 25).
+`temp` (teacher temperature) may be a traced scalar computed from the step, so a scheduled
+temperature neither retraces the step nor is baked into it as a constant.
 `n_shards` is a static Python int: the number of data-parallel devices the batch is split over
 (see `koleo_loss`); 1 reproduces a single-GPU run.
 
@@ -59,7 +62,8 @@ def _split_crops(x: Array, n_crops: int, what: str) -> Array:
 
 
 def swap_global_crops(x: Array, n_global_crops: int = 2) -> Array:
-    """Crop-major [crop0; crop1] -> [crop1; crop0] so student crop i meets teacher crop 1-i (§3.2).
+    """Crop-major [crop0; crop1] -> [crop1; crop0] so student crop i meets teacher crop 1-i
+    (`SSLMetaArch.forward_backward`).
 
     Apply it to the teacher CLS tokens (or logits) before centering / Sinkhorn, like the official
     code (`torch.cat((chunks[1], chunks[0]))`).
@@ -71,7 +75,7 @@ def swap_global_crops(x: Array, n_global_crops: int = 2) -> Array:
 
 
 def cross_entropy(teacher_probs: Array, student_logits: Array, student_temp=STUDENT_TEMP) -> Array:
-    """Per-row H(p, s) = -sum_k p_k log_softmax(s / tau_s)_k (official-dino.md §3.2)."""
+    """Per-row H(p, s) = -sum_k p_k log_softmax(s / tau_s)_k (`DINOLoss.forward`)."""
     lsm = jax.nn.log_softmax(_div(_float(student_logits), student_temp), axis=-1)
     return -jnp.sum(_float(teacher_probs) * lsm, axis=-1)
 
@@ -84,7 +88,8 @@ def dino_loss(
     n_global_crops: int = 2,
     student_temp=STUDENT_TEMP,
 ) -> tuple[Array, Array]:
-    """DINO CLS loss as the two official terms `(dino_local, dino_global)` (official-dino.md §3.2).
+    """DINO CLS loss as the two official terms `(dino_local, dino_global)`
+    (`SSLMetaArch.forward_backward`).
 
     Args:
       student_global_logits: (2B, K) student head logits of the global crops, crop-major.
@@ -115,7 +120,7 @@ def dino_loss(
         n_local = student_local_logits.shape[0] // n_images
     n_global_terms = (n_global_crops - 1) * n_global_crops
     n_local_terms = max(n_local * n_global_crops, 1)
-    norm = n_global_terms + n_local_terms  # official-dino.md §3.2: 2 + 16 = 18
+    norm = n_global_terms + n_local_terms  # forward_backward's term count: 2 + 16 = 18
 
     teacher = _split_crops(_float(teacher_probs), n_global_crops, "teacher_probs")
     if n_local:
@@ -148,7 +153,8 @@ class MaskedTokens(NamedTuple):
 
 
 def ibot_mask_weights(masks: Array) -> Array:
-    """(n_images, N) bool masks -> per-token weight 1 / max(1, #masked in its image) (§3.4)."""
+    """(n_images, N) bool masks -> per-token weight 1 / max(1, #masked in its image)
+    (`masks_weight` of `dinov2/data/collate.py` `collate_data_and_cast`)."""
     count = jnp.sum(masks.astype(jnp.float32), axis=-1, keepdims=True)
     return jnp.broadcast_to(1 / jnp.maximum(count, 1.0), masks.shape)
 
@@ -188,7 +194,8 @@ def ibot_patch_loss(
     *,
     student_temp=STUDENT_TEMP,
 ) -> Array:
-    """iBOT masked-patch loss `forward_masked` (official-dino.md §3.4) on a padded buffer.
+    """iBOT masked-patch loss `iBOTPatchLoss.forward_masked` (`dinov2/loss/ibot_patch_loss.py`) on a
+    padded buffer.
 
     -(1/n_images) sum_{real masked m} w_m sum_k p_{m,k} log_softmax(s_m / tau_s)_k, with
     n_images = 2B, the number of global-crop images (masked or not). Padded rows (valid False)
@@ -208,10 +215,10 @@ def ibot_patch_loss(
 def koleo_loss_single(x: Array, *, n_shards: int = 1, eps: float = KOLEO_EPS) -> Array:
     """Official `KoLeoLoss()(x)` on each of `n_shards` equal contiguous slices of x (n, D).
 
-    Per shard (official-dino.md §3.5): z = x / max(||x||, eps); nearest neighbour by the largest
-    dot product with the diagonal set to -1; d = ||z - z_nn + eps||_2 (torch PairwiseDistance
-    adds eps to the difference); loss = -mean log(d + eps). Returns the mean over shards, which
-    is what averaging the per-GPU losses (DDP/FSDP gradient averaging) optimises.
+    Per shard (`dinov2/loss/koleo_loss.py` `KoLeoLoss`): z = x / max(||x||, eps); nearest neighbour
+    by the largest dot product with the diagonal set to -1; d = ||z - z_nn + eps||_2 (torch
+    PairwiseDistance adds eps to the difference); loss = -mean log(d + eps). Returns the mean over
+    shards, which is what averaging the per-GPU losses (DDP/FSDP gradient averaging) optimises.
     """
     n, dim = x.shape
     if n % n_shards:
@@ -231,7 +238,8 @@ def koleo_loss_single(x: Array, *, n_shards: int = 1, eps: float = KOLEO_EPS) ->
 def koleo_loss(
     student_global_cls: Array, *, n_shards: int = 1, n_global_crops: int = 2, eps=KOLEO_EPS
 ) -> Array:
-    """Sum over global crops of the per-shard KoLeo on student backbone CLS (2B, D) (§3.5).
+    """Sum over global crops of the per-shard KoLeo on student backbone CLS (2B, D)
+    (`SSLMetaArch.forward_backward` sums `KoLeoLoss` over the two global-crop chunks).
 
     Not multiplied by `koleo_loss_weight` (0.1 in the configs): the trainer does that. The
     official log shows (weight * this) / 2.

@@ -2,9 +2,11 @@
 
 Everything here is a pure function of the integer step (schedules) or of plain parameter trees,
 so the training step computes lr / wd / momentum / teacher temperature INSIDE the jit from
-`state["step"]` (jax-ecosystem.md pitfall 25) and never recompiles.
+`state["step"]`: Python floats would either retrace the step or be frozen into it, so it never
+recompiles.
 
-Parameter groups (official-dino.md §4.3) become *per-leaf multipliers*. Blocks are stacked in
+Parameter groups (facebookresearch/dinov2 `dinov2/utils/param_groups.py`
+`get_params_groups_with_decay`) become *per-leaf multipliers*. Blocks are stacked in
 dinojax (leading axis = depth), so the layer-wise lr decay of a block parameter is an array along
 that axis, `decay ** (L - i)` for block i, shaped (L, 1, ..., 1) to broadcast over the leaf.
 
@@ -38,7 +40,7 @@ STUDENT_SUBMODULES = ("backbone", "dino_head", "ibot_head")
 
 
 # ---------------------------------------------------------------------------------------------
-# Schedules (official-dino.md §4.2)
+# Schedules (`dinov2/utils/utils.py` `CosineScheduler`, `dinov2/train/train.py` `build_schedulers`)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -103,7 +105,8 @@ class Cosine:
 
 
 def scaled_lr(config) -> float:
-    """Base lr after the batch-size scaling rule (official-dino.md §4.1)."""
+    """Base lr after the batch-size scaling rule (`dinov2/utils/config.py`
+    `apply_scaling_rules_to_cfg`; v1: facebookresearch/dino `main_dino.py` `train_dino`)."""
     o = config.optim
     rule = o.lr_scaling
     if rule == "sqrt_wrt_1024":
@@ -185,7 +188,7 @@ def last_layer_active(config, step) -> Array:
 
 
 # ---------------------------------------------------------------------------------------------
-# Parameter groups (official-dino.md §4.3)
+# Parameter groups (`dinov2/utils/param_groups.py`; v1: facebookresearch/dino `utils.py`)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -280,7 +283,7 @@ def _map_groups(fn, groups, *trees):
 
 
 # ---------------------------------------------------------------------------------------------
-# Gradient clipping (official-dino.md §4.4)
+# Gradient clipping (`dinov2/train/train.py` `do_train`; v1: dino `utils.py` `clip_gradients`)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -317,7 +320,7 @@ def clip_per_tensor(grads: Mapping, groups: Mapping, max_norm: float) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# AdamW as an optax GradientTransformation (official-dino.md §4.3-4.4)
+# AdamW as an optax GradientTransformation (docs/parity.md "Optimizer and schedules")
 # ---------------------------------------------------------------------------------------------
 
 # Extra arguments of `adamw(...).update`: traced scalars computed once per step from

@@ -9,8 +9,9 @@
 Saves are asynchronous (the step loop goes on while the arrays are written) and atomic: orbax
 writes into a temporary directory and renames it when every process has finished, so a step
 directory that exists is complete and a half-written one (a crash mid-save) is never listed or
-restored. Restoring takes abstract arrays carrying the *target* shardings (jax-ecosystem.md §8.5,
-pitfall 20), which is what lets a checkpoint written on one mesh restore onto another.
+restored. Restoring takes abstract arrays carrying the *target* shardings, which is what lets a
+checkpoint written on one mesh restore onto another (orbax, "Checkpointing PyTrees of Arrays":
+https://orbax.readthedocs.io/en/latest/guides/checkpoint/checkpointing_pytrees.html).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Explicit coordinates (command-line flags or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
 JAX_PROCESS_ID) win; otherwise JAX's own cluster detection is used where a cluster is visible
 (TPU pod slices, SLURM with several tasks, Open MPI). A plain single process starts nothing.
-Must run before any JAX computation (jax-ecosystem.md §8.8).
+Must run before any JAX computation
+(https://docs.jax.dev/en/latest/_autosummary/jax.distributed.initialize.html).
 """
 
 from __future__ import annotations

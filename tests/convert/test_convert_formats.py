@@ -102,7 +102,7 @@ def test_every_official_architecture_is_detected_from_its_tensors(name):
     fake = {k: np.broadcast_to(np.float32(0), s) for k, s in expected_official_shapes(cfg).items()}
     assert detect_config(fake) == cfg
     assert detect_config(fake, arch=name) == cfg
-    if name.startswith("dinov2_vits14"):  # official-dino.md §1.4 tensor counts
+    if name.startswith("dinov2_vits14"):  # the hub checkpoint's tensor count
         assert len(fake) == 175 + ("reg" in name)
     if name == "dino_vits16":
         assert len(fake) == 150
@@ -119,7 +119,7 @@ def test_hub_pth(tmp_path, name):
     ref = official_vit(cfg.replace(num_register_tokens=0, interpolate_offset=0.1), seed=3)
     sd = _np(official_state_dict(ref, cfg))
     if cfg.num_register_tokens:
-        # The hub reg key set is the v2 one plus register_tokens (1, 4, D) (§1.4); the PyPI code
+        # The hub reg key set is the v2 one plus register_tokens (1, 4, D); the PyPI code
         # predates registers, so the tensor is added here (outputs: see the parity suite).
         sd["register_tokens"] = np.random.default_rng(0).standard_normal((1, 4, 384), np.float32)
     torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, tmp_path / "hub.pth")
@@ -274,7 +274,8 @@ def test_hf_safetensors(tmp_path, reg):
     assert jax.tree.all(jax.tree.map(np.array_equal, from_hf(old), from_hf(hf_sd)))
 
     # Plain Dinov2Model interpolates with the size path, so it equals the official model only at
-    # the pos-embed grid size (224 here); the register model matches at any size (§1.6).
+    # the pos-embed grid size (224 here); the register model matches at any size (docs/parity.md
+    # "Position embeddings").
     size = (224, 280) if reg else (224, 224)
     x = _images(1, *size, seed=4)
     with torch.no_grad():

@@ -132,7 +132,7 @@ def test_hf_export_loads_strictly_in_transformers(tmp_path, reg):
         b = fresh(pixel_values=x).last_hidden_state
     assert torch.equal(a, b)
 
-    # The official-format export has exactly the official key set and shapes (§1.4).
+    # The official-format export has exactly the official key set and shapes.
     export(tmp_path / "ckpt", tmp_path / "hub.pth")
     sd = _load_torch(tmp_path / "hub.pth")
     model = dinojax.load(tmp_path / "ckpt")

@@ -1,4 +1,5 @@
-"""iBOT block masking and collate bookkeeping vs the official code (official-dino.md §4.6, §4.7).
+"""iBOT block masking and collate bookkeeping vs the official code (`dinov2/data/masking.py`,
+`dinov2/data/collate.py`).
 
 The official generator draws from Python's global `random`, ours from an explicit numpy
 generator, so single masks cannot match; their laws must. Over many draws we compare the mean
@@ -45,7 +46,7 @@ official_collate = _load_official("collate")
 
 def _official_generator(img: int = 224, patch: int = 14):
     n = img // patch
-    # exactly the train script's construction (official-dino.md §4.6)
+    # exactly the train script's construction (`dinov2/train/train.py` `do_train`)
     return official_masking.MaskingGenerator(
         input_size=(n, n), max_num_patches=0.5 * img // patch * img // patch
     )

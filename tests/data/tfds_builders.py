@@ -1,6 +1,7 @@
-"""Tiny TFDS datasets in array_record format, built without TensorFlow (jax-ecosystem.md §8.6).
+"""Tiny TFDS datasets in array_record format, built without TensorFlow
+(https://www.tensorflow.org/datasets/tfless_tfds).
 
-- `DinojaxTinyTensor`: uint8 images as `tfds.features.Tensor` (pitfall 19's CI fixture).
+- `DinojaxTinyTensor`: uint8 images as `tfds.features.Tensor` (no TensorFlow needed to encode them).
 - `DinojaxTinyImage`: the standard `tfds.features.Image` feature, as TFDS itself stores ImageNet.
   Encoding numpy arrays into it needs TensorFlow, but TFDS stores already-encoded bytes as they
   are, so the records are the ones TFDS writes (checked: JPEG/PNG bytes in, same bytes out), and

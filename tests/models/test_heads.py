@@ -122,7 +122,7 @@ def test_init_follows_official_recipe():
         assert abs(k.std() - 0.02) < 0.002, (i, k.std())  # trunc_normal(0.02), untruncated
         assert np.all(np.asarray(p["mlp"][i]["bias"]) == 0)
     v = np.asarray(p["last_layer"]["weight_v"])
-    bound = 1 / np.sqrt(128)  # nn.Linear default init kept for weight_v (official-dino.md §1.7)
+    bound = 1 / np.sqrt(128)  # nn.Linear default init kept for weight_v (official DINOHead)
     assert v.min() >= -bound and v.max() <= bound and v.max() > 0.95 * bound
     assert np.all(np.asarray(p["last_layer"]["weight_g"]) == 1)
 
