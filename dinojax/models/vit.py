@@ -176,8 +176,9 @@ def _dense(p: dict, x: Array, dtype) -> Array:
 
 
 def layer_norm(p: dict, x: Array, eps: float) -> Array:
-    """LayerNorm with float32 statistics and the two-pass variance, as torch computes it (Flax's
-    default fast variance differs; docs/parity.md "Tokens, blocks and numerics")."""
+    """LayerNorm with float32 statistics and the variance taken around the mean: Flax's default
+    fast variance, E[x^2] - E[x]^2, drifts from torch (docs/parity.md "Tokens, blocks and
+    numerics")."""
     xf = x.astype(jnp.float32)
     mean = jnp.mean(xf, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
