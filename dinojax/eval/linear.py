@@ -92,8 +92,11 @@ def load_linear_head(path: str | os.PathLike) -> dict[str, np.ndarray]:
     written by `save_linear_head`, and DINO v1 linear-eval checkpoints
     (`{"state_dict": {"module.linear.weight", "module.linear.bias"}, ...}`).
     """
+    from dinojax import hub
     from dinojax.convert.io import read_file
 
+    if hub.is_name(path):  # a released head by name, e.g. dinov2_vits14_linear4_head
+        return hub.load(path, expect="linear_head")
     sd = read_file(path)
     if isinstance(sd.get("state_dict"), dict):  # DINO v1 eval_linear.py checkpoint
         sd = sd["state_dict"]
