@@ -318,10 +318,14 @@ def _stream(url: str, part: Path, *, timeout: float, progress: bool, desc: str) 
         mode = "wb"
         if offset and status == 206:
             m = re.match(r"bytes (\d+)-\d+/(\d+|\*)", resp.headers.get("Content-Range", ""))
-            if m and int(m.group(1)) == offset:
-                mode = "ab"
-                total = int(m.group(2)) if m.group(2) != "*" else None
-            if total is None and length is not None and mode == "ab":
+            if not m or int(m.group(1)) != offset:  # not the range asked for: start over
+                part.unlink()
+                raise _Incomplete(
+                    f"the server answered a resume at byte {offset} with a wrong range"
+                )
+            mode = "ab"
+            total = int(m.group(2)) if m.group(2) != "*" else None
+            if total is None and length is not None:
                 total = offset + int(length)
         if mode == "wb":  # a full response (no or ignored Range): start over
             offset = 0
@@ -348,7 +352,10 @@ def _download(url: str, dst: Path, *, sha256: str | None = None, progress: bool 
     """`url` -> `dst` (caller holds the lock): resumable, verified, renamed only when complete."""
     if dst.is_file():
         rec = _recorded(dst)
-        if rec.get("size") in (None, dst.stat().st_size):
+        if rec.get("size") == dst.stat().st_size:
+            return dst
+        if not rec:  # renamed into place, then interrupted before the record was written
+            _record(dst, url)
             return dst
         log.warning("%s: size differs from the recorded %s bytes; downloading again", dst, rec)
         dst.unlink()
@@ -396,14 +403,23 @@ def _download(url: str, dst: Path, *, sha256: str | None = None, progress: bool 
         raise HubError(
             f"{url}: the downloaded file is corrupt (SHA-256 {digest[:16]}... does not match "
             f"{expected[:16]}... from {source}); it was discarded: try again"
+            + (
+                f", or delete {_meta_path(dst)} if the file changed upstream"
+                if "recorded" in source
+                else ""
+            )
         )
-    size = part.stat().st_size
     os.replace(part, dst)
-    tmp = _meta_path(dst).with_suffix(".tmp")
-    tmp.write_text(json.dumps({"url": url, "size": size, "sha256": digest}, indent=1) + "\n")
-    os.replace(tmp, _meta_path(dst))
-    log.info("downloaded %s (%d bytes, sha256 %s)", dst, size, digest)
+    _record(dst, url, digest)
+    log.info("downloaded %s (%d bytes, sha256 %s)", dst, dst.stat().st_size, digest)
     return dst
+
+
+def _record(dst: Path, url: str, digest: str | None = None) -> None:
+    rec = {"url": url, "size": dst.stat().st_size, "sha256": digest or _sha256(dst)}
+    tmp = _meta_path(dst).with_name(f".{_meta_path(dst).name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(rec, indent=1) + "\n")
+    os.replace(tmp, _meta_path(dst))
 
 
 def _brief(e: BaseException) -> str:

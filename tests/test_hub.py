@@ -323,7 +323,12 @@ def test_corrupt_file_with_a_hash_name_is_discarded(env, server, tiny):
 
 def test_changed_file_is_caught_by_the_hash_recorded_at_first_download(env, server, tiny):
     raw = hub.download("tiny", progress=False)
-    raw.unlink()  # the sidecar with the first download's SHA-256 stays
+    meta = raw.with_name(raw.name + ".meta.json")
+    meta.unlink()  # as if interrupted between the rename and the record: recorded again
+    assert hub.download("tiny", progress=False) == raw
+    assert hub._recorded(raw)["sha256"] == hashlib.sha256(tiny["bytes"]).hexdigest()
+    assert len(server.gets("/" + TINY)) == 1
+    raw.unlink()  # the record of the first download's SHA-256 stays
     server.routes["/" + TINY] = {"corrupt": True}
     with pytest.raises(hub.HubError, match="recorded at the first download"):
         hub.download("tiny", progress=False)
