@@ -405,6 +405,8 @@ def test_cli_checkpoint_accepts_a_name(env, server, tiny):
     with pytest.raises(ValueError, match="is a linear head, not a backbone"):
         cli.load_model(p.parse_args(["--checkpoint", "tiny_head"]))
     assert server.gets("/test/h.pth") == []  # refused before any download
+    with pytest.raises(ValueError, match="--arch does not apply to the model name tiny"):
+        cli.load_model(p.parse_args(["--checkpoint", "tiny", "--arch", "dinov2_vits14"]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -87,6 +87,8 @@ def load_checkpoint(path: str | os.PathLike, *, arch: str | None = None, **overr
     from dinojax import hub
 
     if hub.is_name(str(path)):
+        if arch:
+            raise ValueError(f"--arch does not apply to the model name {path} (its own arch)")
         return hub.load(str(path), expect="backbone", **overrides)
     path = Path(path)
     if not path.exists():

@@ -334,7 +334,8 @@ def _parser() -> argparse.ArgumentParser:
     cli.add_model_args(p)
     p.add_argument("--train", help="training set (probe mode): digits:train, folder:DIR, tfds:...")
     p.add_argument("--test", required=True, help="labelled test set")
-    p.add_argument("--head", help="evaluate this linear head (.pth) instead of training probes")
+    p.add_argument("--head", help="evaluate this linear head (.pth, or a released head name such "
+                   "as dinov2_vits14_linear4_head) instead of training probes")  # fmt: skip
     p.add_argument(
         "--head-blocks", type=int, default=None,
         help="layout of a saved head: last blocks (default: inferred from a released head's size)",
