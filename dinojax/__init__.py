@@ -6,7 +6,14 @@ __version__ = "0.1.0"
 
 
 def load(path, **kwargs):
-    """Load a converted checkpoint directory (see `dinojax.convert.checkpoint.load`)."""
+    """Load a converted checkpoint directory (see `dinojax.convert.checkpoint.load`), or a model
+    by name: an official hub name ("dinov2_vitb14_reg", "dino_vits16",
+    "dinov2_vits14_linear4_head") or "hf:owner/repo", downloaded, verified, converted and cached
+    once (see `dinojax.hub`)."""
+    from dinojax import hub
+
+    if hub.is_name(path):
+        return hub.load(path, **kwargs)
     from dinojax.convert.checkpoint import load as _load
 
     return _load(path, **kwargs)

@@ -18,7 +18,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--checkpoint",
         help="dinojax checkpoint directory (convert_weights.py output or a training export); an "
-        "official .pth / .safetensors backbone file is converted in memory",
+        "official .pth / .safetensors backbone file is converted in memory; a model name "
+        "(dinov2_vitb14_reg, dino_vits16, hf:facebook/dinov2-base) is downloaded and cached",
     )
     g.add_argument("--arch", help="architecture name (with --random, or for an ambiguous .pth)")
     g.add_argument("--random", action="store_true", help="random weights for --arch (smoke tests)")
@@ -83,6 +84,12 @@ def load_model(args: argparse.Namespace):
 
 
 def load_checkpoint(path: str | os.PathLike, *, arch: str | None = None, **overrides):
+    from dinojax import hub
+
+    if hub.is_name(str(path)):
+        if arch:
+            raise ValueError(f"--arch does not apply to the model name {path} (its own arch)")
+        return hub.load(str(path), expect="backbone", **overrides)
     path = Path(path)
     if not path.exists():
         raise ValueError(f"checkpoint {str(path)!r} does not exist")

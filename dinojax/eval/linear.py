@@ -92,8 +92,11 @@ def load_linear_head(path: str | os.PathLike) -> dict[str, np.ndarray]:
     written by `save_linear_head`, and DINO v1 linear-eval checkpoints
     (`{"state_dict": {"module.linear.weight", "module.linear.bias"}, ...}`).
     """
+    from dinojax import hub
     from dinojax.convert.io import read_file
 
+    if hub.is_name(path):  # a released head by name, e.g. dinov2_vits14_linear4_head
+        return hub.load(path, expect="linear_head")
     sd = read_file(path)
     if isinstance(sd.get("state_dict"), dict):  # DINO v1 eval_linear.py checkpoint
         sd = sd["state_dict"]
@@ -331,7 +334,8 @@ def _parser() -> argparse.ArgumentParser:
     cli.add_model_args(p)
     p.add_argument("--train", help="training set (probe mode): digits:train, folder:DIR, tfds:...")
     p.add_argument("--test", required=True, help="labelled test set")
-    p.add_argument("--head", help="evaluate this linear head (.pth) instead of training probes")
+    p.add_argument("--head", help="evaluate this linear head (.pth, or a released head name such "
+                   "as dinov2_vits14_linear4_head) instead of training probes")  # fmt: skip
     p.add_argument(
         "--head-blocks", type=int, default=None,
         help="layout of a saved head: last blocks (default: inferred from a released head's size)",
