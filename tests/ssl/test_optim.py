@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from configs.common import base_config, smoke
+from configs.dino_vits16 import get_config as dino_vits16_config
 from dinojax.convert.backbone import from_official, to_official
 from dinojax.convert.heads import dino_head_from_torch, dino_head_to_torch
 from dinojax.models.config import get_config
@@ -28,6 +29,7 @@ warnings.filterwarnings("ignore", message="xFormers not available")
 from dinov2.layers.dino_head import DINOHead  # noqa: E402
 from dinov2.utils.param_groups import fuse_params_groups, get_params_groups_with_decay  # noqa: E402
 from dinov2.utils.utils import CosineScheduler  # noqa: E402
+from official_step import v1_cosine_scheduler  # noqa: E402
 from reference import official_vit  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*weight_norm.*deprecated:FutureWarning")
@@ -215,6 +217,38 @@ def test_recipe_schedules_match_official_build_schedulers():
     for k, r in ref.items():
         want = np.array([r[int(i)] for i in its])
         g = np.asarray(got[k])
+        nz = want != 0
+        assert np.all(g[~nz] == 0), k
+        assert np.max(np.abs(g[nz] - want[nz]) / np.abs(want[nz])) <= TOL, k
+
+
+@pytest.mark.parametrize("variant", ["", "boosted"])
+def test_v1_recipe_schedules_match_main_dino(variant):
+    """configs/dino_vits16.py against facebookresearch/dino `main_dino.py` `train_dino`'s
+    schedules (`utils.py` `cosine_scheduler`, written out in tests/ssl/official_step.py):
+    lr linearly scaled by batch / 256 with 10 warm-up epochs, wd 0.04 -> 0.4, momentum -> 1,
+    and `DINOLoss`'s per-epoch teacher temperature."""
+    c = dino_vits16_config(variant or None)
+    o, ep = c.optim, c.optim.epoch_length
+    total = o.epochs * ep
+    ref = {
+        "lr": v1_cosine_scheduler(5e-4 * 512 / 256, 1e-6, o.epochs, ep, warmup_epochs=10),
+        "wd": v1_cosine_scheduler(0.04, 0.4, o.epochs, ep),
+        "momentum": v1_cosine_scheduler(0.996, 1, o.epochs, ep),
+    }
+    w, temp = (30, 0.07) if variant else (0, 0.04)
+    per_epoch = np.concatenate((np.linspace(0.04, temp, w), np.ones(o.epochs - w) * temp))
+    ref["teacher_temp"] = per_epoch[np.arange(total) // ep]
+    its = np.concatenate(
+        [
+            np.arange(0, 3 * ep, 97),
+            np.arange(10 * ep - 3, 10 * ep + 3),
+            np.arange(total - 300, total),
+        ]
+    )
+    got = jax.jit(jax.vmap(optim.make_schedules(c)))(jnp.asarray(its))
+    for k, r in ref.items():
+        want, g = r[its], np.asarray(got[k], np.float64)
         nz = want != 0
         assert np.all(g[~nz] == 0), k
         assert np.max(np.abs(g[nz] - want[nz]) / np.abs(want[nz])) <= TOL, k

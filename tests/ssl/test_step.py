@@ -14,9 +14,11 @@ Noise-level gradients. Adam's first steps map a gradient g to about g / (|g| + e
 whose gradient is float32 rounding noise in both implementations gets an update of up to lr, of
 random sign, on each side. Those elements are the attention key bias, whose gradient is exactly
 zero (softmax is shift-invariant; measured |g| ~ 1e-9, ~1e-8 of the leaf's largest), and rare
-elements whose gradient cancels to < 1e-6 of their leaf's largest (17, 3 and 4 of ~125k elements
-in the three recipes here; the one outside the key bias measured beyond 1e-5: a v1 MLP weight
-with |g| = 3.4e-8 of its leaf's largest, off by 1.1e-4 after 2 steps). The weight comparison
+elements whose gradient cancels to < 1e-6 of their leaf's largest (18, 6 and 3 of ~125k elements
+in the three recipes here; such an element can end beyond 1e-5: with the v1 recipe at clip_grad
+3.0, a v1 MLP weight with |g| = 3.4e-8 of its leaf's largest was off by 1.1e-4 after 2 steps).
+Worst difference of the compared elements, measured (student / teacher): centering 3.7e-7 /
+2.4e-7, Sinkhorn 5.3e-6 / 1.0e-6, DINO v1 1.5e-6 / 2.4e-7. The weight comparison
 leaves out exactly the elements whose official gradient is below NOISE_REL x the leaf's largest
 at some step, checks that they are the whole key bias plus a few others, and bounds their
 difference by what Adam can do with noise (3 x the summed lr). Every other element, including
@@ -284,7 +286,7 @@ def check_weights(ours: dict, theirs: dict, masks: dict, *, noise_bound: float) 
         if (~m).any() and d[~m].max() > worst:
             worst, where = float(d[~m].max()), k
     assert worst <= WEIGHT_TOL, (where, worst)
-    assert len(extra) <= 32, extra  # measured: 17, 3, 4
+    assert len(extra) <= 32, extra  # measured: 18, 6, 3
     return worst
 
 
