@@ -332,7 +332,7 @@ class OfficialV1Step:
     """DINO v1 iteration (facebookresearch/dino `main_dino.py` `train_one_epoch`) on official
     PyTorch modules. Every constant that `train_dino` does not take from its arguments is the
     upstream one here, not the config's: DINOLoss's student temperature 0.1 and center momentum
-    0.9, AdamW's default betas and eps."""
+    0.9, AdamW's default betas and eps, the linear lr scaling rule."""
 
     STUDENT_TEMP = 0.1  # main_dino.py DINOLoss.__init__ defaults (train_dino passes neither)
     CENTER_MOMENTUM = 0.9
@@ -363,8 +363,9 @@ class OfficialV1Step:
         )
         ep = o.epoch_length  # len(data_loader)
         self.ep = ep
-        # train_dino's three schedules (lr linearly scaled by the global batch / 256)
-        self.lr = v1_cosine_scheduler(_lr(c), o.min_lr, o.epochs, ep, warmup_epochs=o.warmup_epochs)
+        # train_dino's three schedules; the lr always linearly scaled by the global batch / 256
+        lr = o.base_lr * c.batch_size / 256.0
+        self.lr = v1_cosine_scheduler(lr, o.min_lr, o.epochs, ep, warmup_epochs=o.warmup_epochs)
         self.wd = v1_cosine_scheduler(o.weight_decay, o.weight_decay_end, o.epochs, ep)
         self.mom = v1_cosine_scheduler(o.momentum_teacher, 1, o.epochs, ep)
         # DINOLoss.__init__: per-epoch teacher temperature, linear warm-up, then constant
