@@ -1,18 +1,25 @@
-"""The official training iteration assembled from the official PyTorch parts (test reference).
+"""The official training iterations the step parity tests compare against (test reference).
 
-`ssl_meta_arch` cannot be imported without xformers, so `OfficialV2Step` follows its
-`forward_backward` line by line with the same parts it uses (official backbone + `DINOHead` from
-dinov2.layers, `DINOLoss` / `iBOTPatchLoss` / `KoLeoLoss` from dinov2.loss, the param groups of
-dinov2.utils.param_groups, `CosineScheduler`, torch AdamW, `clip_grad_norm_` per submodule, the
-`_foreach` EMA of `update_teacher`) and `train.py do_train`'s per-iteration schedule updates.
-Only the xformers-specific plumbing differs: the student backbone runs global and local crops in
-two calls instead of one nested-tensor call, and the student head's block-diagonal concatenation
-is a plain `torch.cat` (the head is per-token, so both give the same numbers).
+`OfficialV2Step`: the DINOv2 iteration, run on the official PyTorch parts from PyPI `dinov2`.
+`dinov2.train.ssl_meta_arch` cannot be imported without xformers, so the glue of
+`SSLMetaArch.forward_backward` (facebookresearch/dinov2 `dinov2/train/ssl_meta_arch.py`) is
+written here line by line around the official parts it calls: the official backbone and
+`dinov2.layers.DINOHead`, `DINOLoss` / `iBOTPatchLoss` / `KoLeoLoss` from `dinov2.loss`, the
+param groups of `dinov2.utils.param_groups` (`SSLMetaArch.get_params_groups`), `CosineScheduler`,
+torch AdamW, `clip_grad_norm_` per submodule and the `_foreach` EMA of
+`SSLMetaArch.update_teacher`, with `dinov2/train/train.py` `do_train`'s per-iteration schedule
+updates (`apply_optim_scheduler`). Only the xformers plumbing differs: the student backbone runs
+global and local crops in two calls instead of one nested-tensor call, and the student head's
+block-diagonal concatenation is a plain `torch.cat` (the head is per-token: same numbers).
+`loss_dict` (after a call) is the official `forward_backward` return value, in its own names and
+convention; the returned terms are those that enter the backpropagated loss.
 
-`OfficialV1Step` is DINO v1's `train_one_epoch` iteration (facebookresearch/dino main_dino.py),
-written from its documented semantics (official-dino.md §3.6, §4.2-4.4): v1 DINOLoss with centering
-applied right after the loss, per-epoch teacher temperature, two param groups, per-tensor clipping,
-last-layer gradients dropped (None) during the freeze, torch AdamW, EMA.
+`OfficialV1Step`: the DINO v1 iteration. facebookresearch/dino is not a package, so this one is
+written from its source, each part beside the upstream function it follows (`main_dino.py`
+`train_one_epoch`, `DINOLoss.forward` / `update_center`; `utils.py` `cosine_scheduler`,
+`get_params_groups`, `clip_gradients`, `cancel_gradients_last_layer`, `MultiCropWrapper`), on
+official modules from PyPI `dinov2` (the backbone with v1 settings, `DINOHead`, whose forward is
+v1's without batch norm) and torch AdamW.
 """
 
 from __future__ import annotations
@@ -149,9 +156,12 @@ class OfficialV2Step:
             g["lr"] = (last_lr if g["is_last_layer"] else lr) * g["lr_multiplier"]
         self.opt.zero_grad(set_to_none=True)
         losses = self.forward_backward(batch, temp)
+        # do_train: `if cfg.optim.clip_grad`, each student submodule's clip_grad_norm_ (FSDP's
+        # returns the norm before clipping, as torch's does); unclipped runs still report it
+        clip = c.optim.clip_grad or float("inf")
         norms = {}
         for k, v in self.student.items():
-            norms[k] = float(torch.nn.utils.clip_grad_norm_(v.parameters(), c.optim.clip_grad))
+            norms[k] = float(torch.nn.utils.clip_grad_norm_(v.parameters(), clip))
         self.opt.step()
         _ema(self.student, self.teacher, mom)
         return {
@@ -286,6 +296,14 @@ class OfficialV2Step:
         w_d, w_i = c.loss.dino_loss_weight, c.loss.ibot_loss_weight
         total = w_d * dino_local + w_d * dino_global + koleo + w_i * ibot
         total.backward()
+        # what forward_backward returns (and do_train logs, summed into `total_loss`): the DINO
+        # terms unweighted, KoLeo (x weight) and iBOT (unweighted) halved ("loss_scales")
+        self.loss_dict = {
+            "dino_local_crops_loss": float(dino_local.detach()),
+            "dino_global_crops_loss": float(dino_global.detach()),
+            "koleo_loss": float(koleo.detach()) / 2,
+            "ibot_loss": float(ibot.detach()) / 2,
+        }
         terms = {
             "loss": total,
             "dino_local_loss": dino_local,
@@ -296,40 +314,61 @@ class OfficialV2Step:
         return {k: float(v.detach()) for k, v in terms.items()}
 
 
+def v1_cosine_scheduler(base, final, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0):
+    """facebookresearch/dino `utils.py` `cosine_scheduler`: a linear warm-up over whole epochs,
+    then a half cosine over the remaining iterations, one value per iteration."""
+    warmup_iters = warmup_epochs * niter_per_ep
+    warm = np.array([])
+    if warmup_epochs > 0:
+        warm = np.linspace(start_warmup_value, base, warmup_iters)
+    iters = np.arange(epochs * niter_per_ep - warmup_iters)
+    cos = final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))
+    out = np.concatenate((warm, cos))
+    assert len(out) == epochs * niter_per_ep
+    return out
+
+
 class OfficialV1Step:
-    """DINO v1 iteration (main_dino.py train_one_epoch) on official v2 parts with v1 settings."""
+    """DINO v1 iteration (facebookresearch/dino `main_dino.py` `train_one_epoch`) on official
+    PyTorch modules. Every constant that `train_dino` does not take from its arguments is the
+    upstream one here, not the config's: DINOLoss's student temperature 0.1 and center momentum
+    0.9, AdamW's default betas and eps, the linear lr scaling rule."""
+
+    STUDENT_TEMP = 0.1  # main_dino.py DINOLoss.__init__ defaults (train_dino passes neither)
+    CENTER_MOMENTUM = 0.9
 
     def __init__(self, config, student: dict, teacher: dict):
         c, o = config, config.optim
         self.c = c
         self.student = torch.nn.ModuleDict(student)
         self.teacher = torch.nn.ModuleDict(teacher)
+        # train_dino: no gradient through the teacher; DINOHead(norm_last_layer=True) freezes
+        # last_layer.weight_g (at 1)
         for p in self.teacher.parameters():
             p.requires_grad = False
         if c.heads.norm_last_layer:
             self.student.dino_head.last_layer.weight_g.requires_grad = False
+        # utils.get_params_groups: biases and 1-D parameters unregularised, frozen ones left out
         regularized, not_regularized = [], []
-        for name, p in self.student.named_parameters():  # utils.get_params_groups
+        for name, p in self.student.named_parameters():
             if not p.requires_grad:
                 continue
-            (not_regularized if name.endswith(".bias") or p.ndim == 1 else regularized).append(p)
+            if name.endswith(".bias") or len(p.shape) == 1:
+                not_regularized.append(p)
+            else:
+                regularized.append(p)
+        # train_dino: torch.optim.AdamW(params_groups), torch's default betas / eps
         self.opt = torch.optim.AdamW(
-            [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}],
-            betas=(o.b1, o.b2),
-            eps=o.eps,
+            [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
         )
-        ep, total = o.epoch_length, o.epochs * o.epoch_length
+        ep = o.epoch_length  # len(data_loader)
         self.ep = ep
-
-        def cosine(base, final, warmup_epochs=0):  # utils.cosine_scheduler
-            warm = np.linspace(0, base, warmup_epochs * ep) if warmup_epochs else np.array([])
-            iters = np.arange(total - warmup_epochs * ep)
-            sched = final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))
-            return np.concatenate((warm, sched))
-
-        self.lr = cosine(_lr(c), o.min_lr, o.warmup_epochs)
-        self.wd = cosine(o.weight_decay, o.weight_decay_end)
-        self.mom = cosine(o.momentum_teacher, 1.0)
+        # train_dino's three schedules; the lr always linearly scaled by the global batch / 256
+        lr = o.base_lr * c.batch_size / 256.0
+        self.lr = v1_cosine_scheduler(lr, o.min_lr, o.epochs, ep, warmup_epochs=o.warmup_epochs)
+        self.wd = v1_cosine_scheduler(o.weight_decay, o.weight_decay_end, o.epochs, ep)
+        self.mom = v1_cosine_scheduler(o.momentum_teacher, 1, o.epochs, ep)
+        # DINOLoss.__init__: per-epoch teacher temperature, linear warm-up, then constant
         w = c.loss.warmup_teacher_temp_epochs
         self.temp = np.concatenate(
             (
@@ -337,33 +376,17 @@ class OfficialV1Step:
                 np.ones(o.epochs - w) * c.loss.teacher_temp,
             )
         )
-        self.center = torch.zeros(1, int(c.heads.out_dim))
+        self.center = torch.zeros(1, int(c.heads.out_dim))  # DINOLoss's `center` buffer
+        self.ncrops = 2 + c.data.local_crops_number
+        self.param_norms: list[float] = []
 
-    def __call__(self, it: int, batch: dict) -> dict:
-        c, o = self.c, self.c.optim
-        epoch = it // self.ep
-        for i, g in enumerate(self.opt.param_groups):
-            g["lr"] = self.lr[it]
-            if i == 0:
-                g["weight_decay"] = self.wd[it]
-        gc, lc = nchw(batch["global_crops"]), nchw(batch["local_crops"])
-        n_crops = 2 + c.data.local_crops_number
-        # MultiCropWrapper: backbone per resolution, head on the concatenated CLS tokens
-        s_cls = torch.cat(
-            [
-                self.student.backbone.forward_features(gc)["x_norm_clstoken"],
-                self.student.backbone.forward_features(lc)["x_norm_clstoken"],
-            ]
-        )
-        s_out = self.student.dino_head(s_cls)
-        with torch.no_grad():
-            t_out = self.teacher.dino_head(
-                self.teacher.backbone.forward_features(gc)["x_norm_clstoken"]
-            )
-        # v1 DINOLoss.forward
+    def dino_loss(self, student_output, teacher_output, epoch: int) -> torch.Tensor:
+        """main_dino.py `DINOLoss.forward`: cross-entropy of every (teacher global view, student
+        other view) pair, averaged; the center is updated after the loss (`update_center`)."""
+        student_out = (student_output / self.STUDENT_TEMP).chunk(self.ncrops)
         temp = self.temp[epoch]
-        student_out = (s_out / c.loss.student_temp).chunk(n_crops)
-        teacher_out = F.softmax((t_out - self.center) / temp, dim=-1).detach().chunk(2)
+        teacher_out = F.softmax((teacher_output - self.center) / temp, dim=-1)
+        teacher_out = teacher_out.detach().chunk(2)
         total, n_terms = 0, 0
         for iq, q in enumerate(teacher_out):
             for v in range(len(student_out)):
@@ -371,28 +394,61 @@ class OfficialV1Step:
                     continue
                 total = total + torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1).mean()
                 n_terms += 1
-        loss = total / n_terms
-        with torch.no_grad():  # update_center (world size 1)
-            batch_center = torch.sum(t_out, dim=0, keepdim=True) / len(t_out)
-            self.center = self.center * c.loss.center_momentum + batch_center * (
-                1 - c.loss.center_momentum
-            )
+        total = total / n_terms
+        self.update_center(teacher_output)
+        return total
+
+    @torch.no_grad()
+    def update_center(self, teacher_output) -> None:
+        """main_dino.py `DINOLoss.update_center` with world size 1 (all_reduce is the identity)."""
+        batch_center = torch.sum(teacher_output, dim=0, keepdim=True) / len(teacher_output)
+        m = self.CENTER_MOMENTUM
+        self.center = self.center * m + batch_center * (1 - m)
+
+    def multi_crop(self, modules, crops: list[torch.Tensor]) -> torch.Tensor:
+        """utils.py `MultiCropWrapper.forward`: one backbone call per run of same-resolution
+        crops (here: the globals, then the locals), the head on the concatenated CLS tokens."""
+        cls = [modules.backbone.forward_features(x)["x_norm_clstoken"] for x in crops]
+        return modules.dino_head(torch.cat(cls))
+
+    def __call__(self, it: int, batch: dict) -> dict:
+        c, o = self.c, self.c.optim
+        epoch = it // self.ep
+        # train_one_epoch: every group's lr, only the first (regularised) group's weight decay
+        for i, g in enumerate(self.opt.param_groups):
+            g["lr"] = self.lr[it]
+            if i == 0:
+                g["weight_decay"] = self.wd[it]
+        gc, lc = nchw(batch["global_crops"]), nchw(batch["local_crops"])
+        crops = [gc, lc] if c.data.local_crops_number else [gc]
+        teacher_output = self.multi_crop(self.teacher, [gc])  # only the 2 global views
+        student_output = self.multi_crop(self.student, crops)
+        temp = self.temp[epoch]
+        loss = self.dino_loss(student_output, teacher_output, epoch)
         self.opt.zero_grad()
         loss.backward()
-        for p in self.student.parameters():  # utils.clip_gradients
-            if p.grad is not None:
-                clip_coef = o.clip_grad / (p.grad.data.norm(2) + 1e-6)
-                if clip_coef < 1:
-                    p.grad.data.mul_(clip_coef)
-        if epoch < o.freeze_last_layer_epochs:  # utils.cancel_gradients_last_layer
+        self.param_norms = []
+        if (
+            o.clip_grad
+        ):  # utils.clip_gradients: each tensor on its own, coefficient clip / (n + 1e-6)
+            for _, p in self.student.named_parameters():
+                if p.grad is not None:
+                    param_norm = p.grad.data.norm(2)
+                    self.param_norms.append(param_norm.item())
+                    clip_coef = o.clip_grad / (param_norm + 1e-6)
+                    if clip_coef < 1:
+                        p.grad.data.mul_(clip_coef)
+        # utils.cancel_gradients_last_layer(epoch, student, freeze_last_layer): after clipping
+        if epoch < o.freeze_last_layer_epochs:
             for n, p in self.student.named_parameters():
                 if "last_layer" in n:
                     p.grad = None
         self.opt.step()
+        # train_one_epoch's EMA loop over the paired parameters
         with torch.no_grad():
             m = self.mom[it]
-            for pq, pk in zip(self.student.parameters(), self.teacher.parameters()):
-                pk.data.mul_(m).add_((1 - m) * pq.detach().data)
+            for param_q, param_k in zip(self.student.parameters(), self.teacher.parameters()):
+                param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)
         return {
             "loss": float(loss.detach()),
             "lr": self.lr[it],

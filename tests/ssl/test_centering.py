@@ -102,7 +102,8 @@ def _ibot_sequences(dtype):
         buf = logits(rs, IBOT_UPPER).astype(dtype)
         buf[n:] = 50.0  # padding rows must not leak into any sum
         valid = np.arange(IBOT_UPPER) < n
-        # official-dino.md §3.4 / ssl_meta_arch: (n, K) -> unsqueeze(0) -> center -> squeeze
+        # as facebookresearch/dinov2 `dinov2/train/ssl_meta_arch.py` `forward_backward`'s
+        # get_teacher_output: (n, K) -> unsqueeze(0) -> center -> squeeze
         tok = torch.from_numpy(buf[:n]).unsqueeze(0)
         want = official.softmax_center_teacher(tok[:, :n], teacher_temp=temp).squeeze(0)
         out[0].append(want.numpy())
@@ -237,7 +238,8 @@ def test_update_center_keeps_shape_dtype_and_accepts_traced_momentum(momentum):
 
 def test_center_state_round_trip_compiles_once():
     """The new center has the input center's exact type (no weak type): feeding it back to the
-    jitted step must not retrace (jax-ecosystem.md pitfall 7)."""
+    jitted step must not retrace (a weak type is part of the jit cache key: JAX documentation,
+    "Type promotion semantics", weakly-typed values)."""
     # fresh wrappers: jit caches are shared by every jax.jit of the same function object
     step = jax.jit(lambda *a: centering.center_and_update(*a))
     ibot_step = jax.jit(lambda *a: centering.ibot_center_and_update(*a))

@@ -63,7 +63,8 @@ def t_(x):
 
 
 def official_dino_terms(dino: DINOLoss, t_cls, s_global, s_local, temp, mode):
-    """ssl_meta_arch.forward_backward's DINO part (official-dino.md §3.2)."""
+    """The DINO part of facebookresearch/dinov2 `dinov2/train/ssl_meta_arch.py`
+    `SSLMetaArch.forward_backward`."""
     chunks = t_(t_cls).chunk(2)
     t = torch.cat((chunks[1], chunks[0]))  # swapped
     if mode == "centering":
@@ -147,7 +148,8 @@ def test_dino_loss_gradient_matches_official():
 
 
 def official_collate(seed: int, grid: int = 8):
-    """The official collate_data_and_cast + MaskingGenerator on dummy crops (official §4.6-4.7)."""
+    """The official `dinov2/data/collate.py` `collate_data_and_cast` + `dinov2/data/masking.py`
+    `MaskingGenerator` on dummy crops."""
     masking, collate = _official_module("masking"), _official_module("collate")
     gen = masking.MaskingGenerator(input_size=(grid, grid), max_num_patches=0.5 * grid * grid)
     crop = torch.zeros(3, 2, 2)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from configs.common import base_config, smoke
+from configs.dino_vits16 import get_config as dino_vits16_config
 from dinojax.convert.backbone import from_official, to_official
 from dinojax.convert.heads import dino_head_from_torch, dino_head_to_torch
 from dinojax.models.config import get_config
@@ -28,6 +29,7 @@ warnings.filterwarnings("ignore", message="xFormers not available")
 from dinov2.layers.dino_head import DINOHead  # noqa: E402
 from dinov2.utils.param_groups import fuse_params_groups, get_params_groups_with_decay  # noqa: E402
 from dinov2.utils.utils import CosineScheduler  # noqa: E402
+from official_step import v1_cosine_scheduler  # noqa: E402
 from reference import official_vit  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*weight_norm.*deprecated:FutureWarning")
@@ -111,7 +113,8 @@ def test_v2_param_groups_match_official(decay, pe_mult):
     assert {(round(a, 6), b, c_) for a, b, c_ in ours} == {
         (round(a, 6), b, c_) for a, b, c_ in theirs
     }
-    # spot checks of the rule (official-dino.md §4.3): tokens decayed, LayerScale / norms not
+    # spot checks of the rule (`dinov2/utils/param_groups.py` `get_params_groups_with_decay`):
+    # tokens decayed, LayerScale / norms not
     assert wd["backbone.cls_token"].flat[0] == 1 and wd["backbone.mask_token"].flat[0] == 1
     assert (
         wd["backbone.blocks.0.ls1.gamma"].flat[0] == 0 and wd["backbone.norm.weight"].flat[0] == 0
@@ -219,6 +222,38 @@ def test_recipe_schedules_match_official_build_schedulers():
         assert np.max(np.abs(g[nz] - want[nz]) / np.abs(want[nz])) <= TOL, k
 
 
+@pytest.mark.parametrize("variant", ["", "boosted"])
+def test_v1_recipe_schedules_match_main_dino(variant):
+    """configs/dino_vits16.py against facebookresearch/dino `main_dino.py` `train_dino`'s
+    schedules (`utils.py` `cosine_scheduler`, written out in tests/ssl/official_step.py):
+    lr linearly scaled by batch / 256 with 10 warm-up epochs, wd 0.04 -> 0.4, momentum -> 1,
+    and `DINOLoss`'s per-epoch teacher temperature."""
+    c = dino_vits16_config(variant or None)
+    o, ep = c.optim, c.optim.epoch_length
+    total = o.epochs * ep
+    ref = {
+        "lr": v1_cosine_scheduler(5e-4 * 512 / 256, 1e-6, o.epochs, ep, warmup_epochs=10),
+        "wd": v1_cosine_scheduler(0.04, 0.4, o.epochs, ep),
+        "momentum": v1_cosine_scheduler(0.996, 1, o.epochs, ep),
+    }
+    w, temp = (30, 0.07) if variant else (0, 0.04)
+    per_epoch = np.concatenate((np.linspace(0.04, temp, w), np.ones(o.epochs - w) * temp))
+    ref["teacher_temp"] = per_epoch[np.arange(total) // ep]
+    its = np.concatenate(
+        [
+            np.arange(0, 3 * ep, 97),
+            np.arange(10 * ep - 3, 10 * ep + 3),
+            np.arange(total - 300, total),
+        ]
+    )
+    got = jax.jit(jax.vmap(optim.make_schedules(c)))(jnp.asarray(its))
+    for k, r in ref.items():
+        want, g = r[its], np.asarray(got[k], np.float64)
+        nz = want != 0
+        assert np.all(g[~nz] == 0), k
+        assert np.max(np.abs(g[nz] - want[nz]) / np.abs(want[nz])) <= TOL, k
+
+
 def test_v1_teacher_temp_per_epoch_and_lr_scaling():
     c = smoke(base_config())
     c.loss.update(
@@ -262,8 +297,8 @@ def _group(name, lr_mult=1.0, wd_mult=1.0, last=False, trainable=True, stacked=F
 def test_adamw_equals_optax_and_torch_adamw_for_one_group():
     """optax's decoupled form p - lr (m_hat / (sqrt(v_hat) + eps) + wd p) and torch's
     p (1 - lr wd) - lr / bc1 m / (sqrt(v) / sqrt(bc2) + eps) are the same update: ours matches
-    torch to 1e-6; optax to 1e-5 only because it forms 1 - 0.999**t in float32 (1.3e-5 relative
-    error at t = 1, halved by the square root), where ours uses expm1."""
+    torch to 1e-6. optax forms 1 - 0.999**t in float32 (1.3e-5 relative error at t = 1, halved
+    by the square root), where ours uses expm1; its figure is printed (pytest -s), not asserted."""
     rs = np.random.RandomState(0)
     # parameters of the size of the updates, so float32 rounding of p does not hide the update
     params = {
@@ -295,12 +330,20 @@ def test_adamw_equals_optax_and_torch_adamw_for_one_group():
         p_params, p_state = adamw_step(plain, grads, p_state, p_params)
     for k in params:
         assert rel_err(ours[k], tp[k].detach().numpy()) <= TOL
-        assert rel_err(ours[k], o_params[k]) <= 1e-5
-    # measured: optax.scale_by_adam is 5.2e-6 off torch here (its float32 bias correction)
-    worst = max(rel_err(p_params[k], tp[k].detach().numpy()) for k in params)
-    assert worst > TOL, worst
-    assert rel_err(p_params["w"], o_params["w"]) <= 1e-6  # and is optax.adamw itself
     assert int(optim.adam_state(state).count) == 4
+    # Only our own exactness is asserted. optax itself is measured and reported (it is not
+    # pinned, and a later release may change it): with optax 0.2.8, optax.adamw and the chain
+    # with optax.scale_by_adam are 5.2e-6 relative off torch after these 4 steps (their float32
+    # bias correction; ours 1.9e-7), over the 1e-6 budget: the reason for `scale_by_adam_torch`.
+    drift = {
+        "optax.adamw": max(rel_err(o_params[k], tp[k].detach().numpy()) for k in params),
+        "optax.scale_by_adam chain": max(
+            rel_err(p_params[k], tp[k].detach().numpy()) for k in params
+        ),
+        "ours": max(rel_err(ours[k], tp[k].detach().numpy()) for k in params),
+    }
+    print(f"relative difference from torch.optim.AdamW after 4 steps (optax {optax.__version__}):")
+    print("  " + ", ".join(f"{k} {v:.2g}" for k, v in drift.items()))
 
 
 def test_adamw_groups_freezes_match_torch():
