@@ -1,6 +1,6 @@
 """The official PyTorch DINOv2 code and dinojax, timed side by side in one process on one device.
 
-    python bench/side_by_side.py --mode train --arch vits14 --batch 4 --steps 3       # CPU
+    python bench/side_by_side.py --mode train --arch vits14 --batch 2 --steps 3       # CPU
     python bench/side_by_side.py --mode infer --arch vitl14 --size 224 518
     python bench/side_by_side.py --mode train --arch vitl14 --batch 32 --device cuda \
         --dtype bfloat16 --set model.overrides.attention=cudnn [--torch-compile]
@@ -113,7 +113,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="train: recipe file[:args] (default configs/dinov2_<arch>.py); its model.arch "
         "decides the architecture",
     )
-    p.add_argument("--batch", type=int, default=None, help="images per step (train default 4, "
+    p.add_argument("--batch", type=int, default=None, help="images per step (train default 2, "
                    "infer default 8)")  # fmt: skip
     p.add_argument("--size", type=int, nargs="+", default=[224], help="infer: resolutions")
     p.add_argument("--steps", type=int, default=3, help="timed steps per side")
@@ -142,7 +142,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.mode == "infer" and args.arch is None:
         args.arch = "vits14"
     if args.batch is None:
-        args.batch = 4 if args.mode == "train" else 8
+        args.batch = 2 if args.mode == "train" else 8
     for name in ("batch", "steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -970,7 +970,8 @@ def _describe(r: dict) -> str:
     return (f"{what}, {r['dtype']} on {r['machine']['device_kind']}:\n"
             f"  official {side(o)}\n  dinojax  {side(j)}\n"
             f"  ratio dinojax/official {r['ratio_img_per_s']:.2f}; dinojax compile "
-            f"{j['compile_s']:.1f} s{extra}")  # fmt: skip
+            f"{j['compile_s']:.1f} s, warm-up calls: official {o['warmup_s']:.1f} s, dinojax "
+            f"{j['warmup_s']:.1f} s{extra}")  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
