@@ -1,9 +1,10 @@
 """The official PyTorch DINOv2 code and dinojax, timed side by side in one process on one device.
 
-    python bench/side_by_side.py --mode train --arch vits14 --batch 2 --steps 3       # CPU
-    python bench/side_by_side.py --mode infer --arch vitl14 --size 224 518
-    python bench/side_by_side.py --mode train --arch vitl14 --batch 32 --device cuda \
-        --dtype bfloat16 --set model.overrides.attention=cudnn [--torch-compile]
+   python bench/side_by_side.py --mode train --arch vits14 --batch 2 --steps 3       # CPU
+   python bench/side_by_side.py --mode infer --arch vitl14 --size 224 518
+   python bench/side_by_side.py --mode train --arch vitl14 --batch 64 --device cuda --dtype bfloat16
+   (GPU; add --torch-attention sdpa --set model.overrides.attention=cudnn for fused attention on
+   both sides, --torch-compile for the compiled official side)
 
 `train`: one full self-supervised training step of a DINOv2 recipe (`configs/dinov2_<arch>.py`,
 or `--config file[:args]`), the same batch (2 global + N local crops and their iBOT masks) fed to
@@ -98,7 +99,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="side_by_side.py",
         description="Time the official PyTorch DINOv2 code and dinojax on the same device.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n")[1],
     )
     p.add_argument("--mode", choices=("train", "infer"), default="train")
     p.add_argument(
@@ -115,9 +117,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--batch", type=int, default=None, help="images per step (train default 2, "
                    "infer default 8)")  # fmt: skip
-    p.add_argument("--size", type=int, nargs="+", default=[224], help="infer: resolutions")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per side")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per side after compiling")
+    p.add_argument(
+        "--size", type=int, nargs="+", default=[224], help="infer: resolutions (default 224)"
+    )
+    p.add_argument("--steps", type=int, default=3, help="timed steps per side (default 3)")
+    p.add_argument(
+        "--warmup", type=int, default=1, help="untimed steps per side after compiling (default 1)"
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--torch-compile", action="store_true", help="torch.compile the official "
@@ -134,7 +140,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak_flops", type=float, default=None, help="peak FLOP/s of the device "
                    "(default: the device kind's known dense bf16 peak; none on CPUs)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="JSONL file to append to ('' : none)")
+    p.add_argument(
+        "--out",
+        default=str(DEFAULT_OUT),
+        help="JSONL file to append to ('': none; default bench/results/side_by_side.jsonl)",
+    )
     p.add_argument("--label", default="", help="free-form label stored with the result")
     args = p.parse_args(argv)
     if args.mode == "infer" and args.config:
@@ -225,10 +235,12 @@ def _quiet_official_imports() -> None:
     logging.getLogger("dinov2").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="xFormers not available")
     warnings.filterwarnings("ignore", message=".*weight_norm.*deprecated")
+    warnings.filterwarnings("ignore", message=".*autocast.*deprecated")  # official KoLeoLoss
 
 
 def _use_sdpa_attention() -> None:
-    """Official attention with torch's fused kernel: same math (softmax(q k^T / sqrt(d)) v)."""
+    """Official attention with torch's fused kernel: same math (softmax(q k^T / sqrt(d)) v).
+    Process-wide: patches the official classes."""
     import torch.nn.functional as F
     from dinov2.layers import attention
 
@@ -732,7 +744,7 @@ def run_train(args) -> dict:
 
     def jax_step():
         holder["state"], metrics = compiled(holder["state"], jbatch)
-        jax.block_until_ready(metrics["loss"])
+        jax.block_until_ready((holder["state"], metrics))
         outputs["dinojax"].append(metrics)
 
     def torch_step():
