@@ -1,10 +1,11 @@
 """Linear evaluation: official feature recipe, a jointly trained grid of linear probes, and the
-official released linear heads (official-dino.md §5).
+official released linear heads (facebookresearch/dinov2 `dinov2/eval/linear.py`,
+`dinov2/hub/classifiers.py`; DINO v1: facebookresearch/dino `eval_linear.py`).
 
-Feature recipe (`dinov2/eval/linear.py create_linear_input`): from
-`get_intermediate_layers(x, n, return_class_token=True)` (final norm applied), the CLS tokens of
-the last `n` blocks concatenated oldest first, optionally followed by the mean patch token of the
-last block (registers excluded): `[CLS_{L-n}, ..., CLS_{L-1} (, mean(patch_{L-1}))]`.
+Feature recipe (`dinov2/eval/linear.py create_linear_input`, `linear_input` here, defined in
+`dinojax.eval.linear_features`): the CLS tokens of the last `n` blocks, oldest first, optionally
+followed by the mean patch token of the last block:
+`[CLS_{L-n}, ..., CLS_{L-1} (, mean(patch_{L-1}))]`.
 
 Released heads (`dinov2/hub/classifiers.py`): `linear` = Linear(2D, 1000) on
 `[CLS, mean(patch)]`, `linear4` = Linear(5D, 1000) on `[CLS_{L-4}, ..., CLS_{L-1},
@@ -34,7 +35,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -45,13 +45,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dinojax.eval.features import (
-    LinearInputs,
-    batch_sharding,
-    default_mesh,
-    extract_features,
-    resolve_source,
-)
+from dinojax.eval.features import LinearInputs, default_mesh, extract_features, resolve_source
+from dinojax.eval.linear_features import linear_input, pad_rows
+from dinojax.eval.probe import OFFICIAL_LEARNING_RATES, train_linear_probe
 from dinojax.eval.transforms import EvalTransform
 
 __all__ = [
@@ -72,17 +68,6 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 # ---------------------------------------------------------------------------------------------
 # Feature recipe and released heads
 # ---------------------------------------------------------------------------------------------
-
-
-def linear_input(cls: jax.Array, avgpool: jax.Array, n_blocks: int, use_avgpool: bool):
-    """`create_linear_input`: `cls` (B, n_total, D) CLS tokens of the last blocks (oldest first),
-    `avgpool` (B, D) the last block's mean patch token -> (B, n_blocks*D [+ D])."""
-    if not 1 <= n_blocks <= cls.shape[1]:
-        raise ValueError(f"n_blocks must be in [1, {cls.shape[1]}], got {n_blocks}")
-    x = cls[:, -n_blocks:].reshape(cls.shape[0], -1)
-    if use_avgpool:
-        x = jnp.concatenate([x, avgpool.astype(x.dtype)], axis=-1)
-    return x.astype(jnp.float32)
 
 
 def load_linear_head(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -123,8 +108,9 @@ def save_linear_head(path: str | os.PathLike, weight: np.ndarray, bias: np.ndarr
 @dataclasses.dataclass(frozen=True)
 class HeadLayout:
     """What a linear head reads: the CLS of the last `n_blocks` blocks, plus the mean patch token
-    if `avgpool`; `interleaved` is DINO v1's order `[cls_0, avg_0, cls_1, avg_1, ...]` (its
-    eval_linear.py stacks CLS and average on a new last axis, official-dino.md §5)."""
+    if `avgpool`; `interleaved` is DINO v1's order `[cls_0, avg_0, cls_1, avg_1, ...]`
+    (facebookresearch/dino `eval_linear.py` `train` / `validate_network` stack the CLS and the
+    average on a new last axis, then flatten)."""
 
     n_blocks: int
     avgpool: bool = True
@@ -200,18 +186,6 @@ def _head_correct(head, cls, avg, labels, valid, *, layout):
     return jnp.sum(hit1), jnp.sum(hit5)
 
 
-def _pad_rows(mesh: Mesh, *arrays: np.ndarray):
-    n_shards = math.prod(mesh.shape[a] for a in mesh.axis_names)
-    n = arrays[0].shape[0]
-    pad = -(-n // n_shards) * n_shards - n
-    sharding = batch_sharding(mesh)
-    out = [
-        jax.device_put(np.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)), sharding) for a in arrays
-    ]
-    valid = jax.device_put(np.arange(n + pad) < n, sharding)
-    return out, valid
-
-
 # ---------------------------------------------------------------------------------------------
 # Whole evaluations from a model and datasets
 # ---------------------------------------------------------------------------------------------
@@ -268,8 +242,6 @@ def linear_eval(
         model, test_src, fn, indices=_subset(len(test_src), max_test, seed + 1),
         desc="linear test features", **common,
     )  # fmt: skip
-    from dinojax.eval.probe import train_linear_probe
-
     return train_linear_probe(train, train_labels, test, test_labels, mesh=mesh, **probe_kwargs)
 
 
@@ -309,9 +281,7 @@ def evaluate_linear_head(
         raise ValueError(
             f"labels go up to {labels.max()} but the head has {head['weight'].shape[0]} classes"
         )
-    (cls, avg, lab), valid = _pad_rows(
-        mesh, feats["cls"], feats["avgpool"], labels.astype(np.int32)
-    )
+    (cls, avg, lab), valid = pad_rows(mesh, feats["cls"], feats["avgpool"], labels.astype(np.int32))
     c1, c5 = _head_correct(jax.device_put(head, NamedSharding(mesh, PartitionSpec())), cls, avg,
                            lab, valid, layout=layout)  # fmt: skip
     total = labels.shape[0]
@@ -324,7 +294,7 @@ def evaluate_linear_head(
 
 
 def _parser() -> argparse.ArgumentParser:
-    from dinojax.eval import cli, probe
+    from dinojax.eval import cli
 
     p = argparse.ArgumentParser(
         prog="python -m dinojax.eval.linear",
@@ -348,7 +318,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n-blocks", type=int, nargs="+", default=[1, 4], help="CLS of last n blocks")
     p.add_argument("--avgpool", choices=["both", "yes", "no"], default="both",
                    help="heads with / without the mean patch token")  # fmt: skip
-    p.add_argument("--lrs", type=float, nargs="+", default=list(probe.OFFICIAL_LEARNING_RATES),
+    p.add_argument("--lrs", type=float, nargs="+", default=list(OFFICIAL_LEARNING_RATES),
                    help="learning rates (x batch/256); default: the official 13")  # fmt: skip
     p.add_argument("--epochs", type=int, default=10, help="passes over the training features")
     p.add_argument("--train-batch-size", type=int, default=128, help="probe training batch")

@@ -1,13 +1,15 @@
 """Linear probes on frozen features: a grid of heads trained jointly in ONE jitted loop.
 
 Every combination of last-blocks in `n_blocks` x avgpool in `avgpool` x learning rate is one
-linear head (official-dino.md §5, `dinov2/eval/linear.py`); all of them are trained at once
+linear head (facebookresearch/dinov2 `dinov2/eval/linear.py`: `setup_linear_classifiers`
+builds the grid, `eval_linear` trains it); all of them are trained at once
 (lax.scan over epochs and steps) with the official optimiser: SGD momentum 0.9, no weight decay,
 learning rate `lr * batch / 256` with cosine annealing to 0 over all steps, cross-entropy summed
 over heads, weights N(0, 0.01), bias 0. The best head on the test set is reported, as the
 official code reports the best on its validation set. Inputs are the features `LinearInputs`
-extracts (`dinojax.eval.linear.linear_input` builds each head's input); see `dinojax.eval.linear`
-for the documented difference from the official recipe (features of center crops, extracted once).
+extracts (`dinojax.eval.linear_features.linear_input` builds each head's input); see
+`dinojax.eval.linear` for the documented difference from the official recipe (features of center
+crops, extracted once).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dinojax.eval.features import default_mesh
-from dinojax.eval.linear import _pad_rows, linear_input
+from dinojax.eval.linear_features import linear_input, pad_rows
 
 __all__ = [
     "OFFICIAL_LEARNING_RATES",
@@ -175,14 +177,14 @@ def train_linear_probe(
     )
     replicated = NamedSharding(mesh, PartitionSpec())
     params = jax.device_put(params, replicated)
-    (cls, avg, labels), _ = _pad_rows(
+    (cls, avg, labels), _ = pad_rows(
         mesh, train["cls"], train["avgpool"], train_labels.astype(np.int32)
     )
     params, losses = _train(
         params, jax.device_put(lrs, replicated), cls, avg, labels, key, specs=specs,
         n_train=n_train, epochs=int(epochs), steps=steps, batch=batch,
     )  # fmt: skip
-    (tcls, tavg, tlab), valid = _pad_rows(
+    (tcls, tavg, tlab), valid = pad_rows(
         mesh, test["cls"], test["avgpool"], test_labels.astype(np.int32)
     )
     correct = _probe_correct(params, tcls, tavg, tlab, valid, specs=specs)

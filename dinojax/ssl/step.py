@@ -4,10 +4,15 @@
     train_step = make_train_step(config, mesh, state_shardings)   # jitted, state donated
     state, metrics = train_step(state, batch)                     # batch: global jax.Arrays
 
+Each of these parses the config into a `StepSetup` (validated static facts, with the module graphs
+and the optimizer built from them on first use); a caller that needs several of them builds it once,
+`setup = StepSetup.from_config(config)`, and passes `setup=setup` to each (the trainer does).
+
 State (plain dicts of arrays; parameter trees are `nnx.to_pure_dict` of the modules):
 
     {"student": {"backbone", "dino_head", ["ibot_head"]},   # ibot_head iff heads.separate_ibot_head
-     "teacher": same structure (a copy, never shared buffers: pitfall 9),
+     "teacher": same structure (a copy with its own buffers: donating a state whose teacher
+                shares the student's buffers fails with "donate the same buffer twice"),
      "opt_state": the optax state of `optimizer(config)` over the student (a pytree of optax
                   namedtuples: per partition an Adam count and mu / nu trees; MaskedNode where
                   optax.partition masks a leaf out),
@@ -15,7 +20,8 @@ State (plain dicts of arrays; parameter trees are `nnx.to_pure_dict` of the modu
      "step": int32 (0-based official iteration), "rng": uint32 key data (fixed; the per-step key
      is fold_in(rng, step), so a resumed run draws the same drop-path masks)}
 
-One step (official-dino.md §3-4, ssl_meta_arch.forward_backward + train.py do_train):
+One step (facebookresearch/dinov2 `dinov2/train/ssl_meta_arch.py` `SSLMetaArch.forward_backward`
+and `dinov2/train/train.py` `do_train`):
   schedules(step) -> lr, last-layer lr, wd, teacher momentum, teacher temperature;
   teacher backbone on the 2 global crops (no masks, no drop path, no gradient) -> CLS swapped
   crop-wise -> DINO head; masked patch tokens gathered into the static padded buffer -> DINO head
@@ -28,7 +34,9 @@ One step (official-dino.md §3-4, ssl_meta_arch.forward_backward + train.py do_t
 DINO v1 (config.loss.family == "dino"): DINO loss only, no masks, v1 parameter groups, per-tensor
 clipping and the skip-freeze of the last layer, all chosen by the config (see configs/).
 
-Shards. KoLeo and the iBOT center are per-GPU quantities in the official code (§3.4, §3.5).
+Shards. KoLeo and the iBOT center are per-GPU quantities in the official code
+(facebookresearch/dinov2 `dinov2/loss/koleo_loss.py` `KoLeoLoss` runs on each GPU's batch;
+`dinov2/loss/ibot_patch_loss.py` `iBOTPatchLoss.update_center` averages per-GPU means).
 `config.loss.n_shards` (optional; default: the number of devices the batch is split over) says
 how many official "GPUs" the global batch stands for; fix it to make a run independent of the mesh.
 
@@ -51,6 +59,7 @@ which still advances: the batch was consumed, and the schedules stay aligned wit
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -96,8 +105,13 @@ def vit_config(config) -> ViTConfig:
 
 @dataclasses.dataclass(frozen=True)
 class StepSetup:
-    """Everything static the step needs, validated once from the config."""
+    """Everything static the step needs, validated once from the config (`from_config`).
 
+    The module graphs, the abstract student parameters and the optimizer are derived from it on
+    first use and kept, so state creation, shardings, the step and the FLOP count share one copy.
+    Pass it with the config it was built from (`setup=` of the functions below)."""
+
+    config: Any = dataclasses.field(repr=False, compare=False)  # the config it was parsed from
     vit: ViTConfig
     family: str  # "dinov2" or "dino"
     centering: str  # "centering" or "sinkhorn_knopp"
@@ -138,6 +152,7 @@ class StepSetup:
         if do_ibot and not vit.has_mask_token:
             raise ValueError(f"iBOT needs a backbone with a mask token; {vit.name} has none")
         return cls(
+            config=config,
             vit=vit,
             family=family,
             centering=lo.centering,
@@ -153,6 +168,35 @@ class StepSetup:
             clip_mode=o.clip_mode,
             nan_skip=policy == "skip",
         )
+
+    @functools.cached_property
+    def graphs(self) -> _Graphs:
+        return _Graphs(self.config, self)
+
+    @functools.cached_property
+    def abstract_student(self) -> dict:
+        """The student's parameters {backbone, dino_head, [ibot_head]} as abstract arrays."""
+        return {k: nnx.to_pure_dict(nnx.state(m, nnx.Param))
+                for k, m in self.graphs.abstract.items()}  # fmt: skip
+
+    @functools.cached_property
+    def groups(self) -> dict:
+        """The official parameter groups of the student (dinojax.ssl.optim.param_groups)."""
+        return optim.param_groups(self.abstract_student, self.config)
+
+    @functools.cached_property
+    def tx(self):
+        """The recipe's optimizer (`optimizer`): it depends on the parameters' shapes only."""
+        return optimizer(self.config, self.abstract_student)
+
+
+def _setup_for(config, setup: StepSetup | None) -> StepSetup:
+    """`setup`, checked to come from `config`, or a new one parsed from it."""
+    if setup is None:
+        return StepSetup.from_config(config)
+    if setup.config is not config:
+        raise ValueError("setup was built from another config: pass the config it came from")
+    return setup
 
 
 def _head(config, vit: ViTConfig, *, ibot: bool, rngs: nnx.Rngs) -> DINOHead:
@@ -214,14 +258,12 @@ def n_batch_shards(config, mesh: Mesh) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def optimizer(config, params: Mapping | None = None):
+def optimizer(config, params: Mapping | None = None, *, setup: StepSetup | None = None):
     """The recipe's optax optimizer (dinojax.ssl.optim.adamw) for the student `params` (arrays
     or abstract arrays; default: the config's abstract student). Its update takes the extra
     arguments lr, last_layer_lr, wd and last_layer_active."""
     if params is None:
-        setup = StepSetup.from_config(config)
-        params = {k: nnx.to_pure_dict(nnx.state(m, nnx.Param))
-                  for k, m in _Graphs(config, setup).abstract.items()}  # fmt: skip
+        return _setup_for(config, setup).tx
     o = config.optim
     return optim.adamw(
         optim.param_groups(params, config), b1=float(o.b1), b2=float(o.b2), eps=float(o.eps),
@@ -233,13 +275,14 @@ def _init_state(config, setup: StepSetup, key: Array) -> dict:
     k_model, k_rng = jax.random.split(key)
     mods = _build_modules(config, setup, k_model)
     student = {k: nnx.to_pure_dict(nnx.state(m, nnx.Param)) for k, m in mods.items()}
-    # The teacher is a copy with its own buffers (pitfall 9): official prepare_for_distributed_
-    # training loads the student's state dict into the teacher.
+    # The teacher is a copy with its own buffers (a teacher sharing the student's buffers cannot
+    # be donated with it); official `SSLMetaArch.prepare_for_distributed_training` loads the
+    # student's state dict into the teacher.
     teacher = jax.tree.map(jnp.copy, student)
     state = {
         "student": student,
         "teacher": teacher,
-        "opt_state": optimizer(config, student).init(student),
+        "opt_state": setup.tx.init(student),
         "dino_center": centering.init_center(int(config.heads.out_dim)),
         "step": jnp.zeros((), jnp.int32),
         "rng": jax.random.key_data(k_rng),
@@ -252,14 +295,15 @@ def _init_state(config, setup: StepSetup, key: Array) -> dict:
     return state
 
 
-def state_shardings_for(config, mesh: Mesh, abstract_state: Mapping | None = None) -> dict:
+def state_shardings_for(
+    config, mesh: Mesh, abstract_state: Mapping | None = None, *, setup: StepSetup | None = None
+) -> dict:
     """NamedShardings of the state from the parameters' logical names and config.mesh.rules."""
-    setup = StepSetup.from_config(config)
-    graphs = _Graphs(config, setup)
+    setup = _setup_for(config, setup)
     if abstract_state is None:
         abstract_state = jax.eval_shape(lambda k: _init_state(config, setup, k), jax.random.key(0))
     rules = tuple(config.mesh.rules)
-    names = graphs.names()
+    names = setup.graphs.names()
     params = lambda tree: shd.logical_to_mesh_sharding(tree, mesh, rules, names)  # noqa: E731
     repl = shd.replicated(mesh)
     out = {k: jax.tree.map(lambda _: repl, v) for k, v in abstract_state.items()}
@@ -267,7 +311,7 @@ def state_shardings_for(config, mesh: Mesh, abstract_state: Mapping | None = Non
     out["teacher"] = params(abstract_state["teacher"])
     # moments shard like their parameters; counts (and anything else) are replicated
     out["opt_state"] = optax.tree_map_params(
-        optimizer(config, abstract_state["student"]),
+        setup.tx,
         lambda leaf, sharding: leaf if isinstance(leaf, optax.MaskedNode) else sharding,
         abstract_state["opt_state"],
         out["student"],
@@ -277,13 +321,15 @@ def state_shardings_for(config, mesh: Mesh, abstract_state: Mapping | None = Non
     return out
 
 
-def create_train_state(config, mesh: Mesh, *, seed: int | None = None) -> tuple[dict, dict]:
+def create_train_state(
+    config, mesh: Mesh, *, seed: int | None = None, setup: StepSetup | None = None
+) -> tuple[dict, dict]:
     """(state, state_shardings): the initial state, created directly with its shardings
     (one jit with out_shardings: no full copy on one device)."""
-    setup = StepSetup.from_config(config)
+    setup = _setup_for(config, setup)
     key = jax.random.key(int(config.seed if seed is None else seed))
     abstract = jax.eval_shape(lambda k: _init_state(config, setup, k), key)
-    shardings = state_shardings_for(config, mesh, abstract)
+    shardings = state_shardings_for(config, mesh, abstract, setup=setup)
     with jax.set_mesh(mesh):
         state = jax.jit(lambda k: _init_state(config, setup, k), out_shardings=shardings)(key)
     return state, shardings
@@ -314,17 +360,13 @@ def _finite(*xs) -> Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]))
 
 
-def build_step_fn(config, mesh: Mesh):
+def build_step_fn(config, mesh: Mesh, *, setup: StepSetup | None = None):
     """The un-jitted step(state, batch) -> (state, metrics) (make_train_step jits it)."""
-    setup = StepSetup.from_config(config)
-    graphs = _Graphs(config, setup)
+    setup = _setup_for(config, setup)
+    graphs, groups, tx = setup.graphs, setup.groups, setup.tx
     scheds = optim.make_schedules(config)
     n_shards = n_batch_shards(config, mesh)
     n_local = int(config.data.local_crops_number)
-    abstract_student = {k: nnx.to_pure_dict(nnx.state(m, nnx.Param))
-                        for k, m in graphs.abstract.items()}  # fmt: skip
-    groups = optim.param_groups(abstract_student, config)
-    tx = optimizer(config, abstract_student)
     drop_path = setup.vit.drop_path_rate > 0
 
     def heads_of(params):
@@ -353,11 +395,13 @@ def build_step_fn(config, mesh: Mesh):
             upper = int(batch["mask_indices"].shape[0])
             buf = losses.masked_token_buffer(masks, upper, n_shards=n_shards)
 
-        # ---- teacher: eval mode, no masks, no drop path, no gradient (§3.1) ----------------
+        # ---- teacher: eval mode, no masks, no drop path, no gradient -----------------------
+        # (official `SSLMetaArch.forward_backward` `get_teacher_output`, under torch.no_grad)
         teacher = jax.lax.stop_gradient(state["teacher"])
         t_out = graphs.module("backbone", teacher["backbone"]).forward_features(g_img)
         t_dino, t_ibot = heads_of(teacher)
-        # chunked and swapped BEFORE the head: student crop i meets teacher crop 1 - i (§3.2)
+        # chunked and swapped BEFORE the head: student crop i meets teacher crop 1 - i (official
+        # `get_teacher_output`: `torch.cat((cls_1, cls_0))`)
         t_cls = t_dino(losses.swap_global_crops(t_out["x_norm_clstoken"]))
         new_centers = {}
         if setup.centering == "centering":
@@ -393,7 +437,8 @@ def build_step_fn(config, mesh: Mesh):
             terms = {"dino_local_loss": dino_local, "dino_global_loss": dino_global}
             total = setup.dino_w * (dino_local + dino_global)
             if setup.do_koleo:
-                # on the student's backbone CLS of the (masked) global crops, per shard (§3.5)
+                # on the student's backbone CLS of the (masked) global crops, per shard (official
+                # `forward_backward` applies `KoLeoLoss` to each global crop's per-GPU batch)
                 koleo = setup.koleo_w * losses.koleo_loss(s_g_cls, n_shards=n_shards)
                 terms["koleo_loss"] = koleo
                 total = total + koleo
@@ -425,7 +470,8 @@ def build_step_fn(config, mesh: Mesh):
             last_layer_active=optim.last_layer_active(config, step),
         )  # fmt: skip
         new_student = optax.apply_updates(state["student"], updates)
-        # ---- teacher EMA with the traced momentum (pitfall 11) ------------------------------
+        # ---- teacher EMA with the traced momentum -----------------------------------------
+        # (a traced scalar: `nnx.EMA`'s static decay would recompile at every momentum value)
         m = s["momentum"]
         new_teacher = jax.tree.map(
             lambda t, p: (t * m + p * (1 - m)).astype(t.dtype), state["teacher"], new_student
@@ -456,10 +502,13 @@ def build_step_fn(config, mesh: Mesh):
     return step_fn
 
 
-def make_train_step(config, mesh: Mesh, state_shardings: Mapping):
-    """ONE jax.jit of the step: state donated, outputs pinned to the input shardings (pitfall 8),
-    metrics replicated. Call it as `state, metrics = train_step(state, batch)`."""
-    step_fn = build_step_fn(config, mesh)
+def make_train_step(
+    config, mesh: Mesh, state_shardings: Mapping, *, setup: StepSetup | None = None
+):
+    """ONE jax.jit of the step: state donated, outputs pinned to the input shardings (XLA may
+    otherwise return equivalent but differently spelled shardings, and the next call would
+    compile again), metrics replicated. Call it as `state, metrics = train_step(state, batch)`."""
+    step_fn = build_step_fn(config, mesh, setup=setup)
     rules = tuple(config.mesh.rules)
     jitted = jax.jit(
         step_fn,
@@ -504,8 +553,9 @@ def student_backbone(state: Mapping, config) -> DinoVisionTransformer:
 
 
 def _vit_forward_flops(vit: ViTConfig, img: int) -> float:
-    # jax-ecosystem.md §10: per block 24 N D^2 + 4 N^2 D (qkv 6, proj 2, MLP 16 N D^2; QK^T and
-    # AV 4 N^2 D); SwiGLU replaces 16 N D^2 by 6 N D h'. Plus the patch embedding 2 n 3 p^2 D.
+    # Matmul FLOPs (2 per multiply-add), as MaxText's `calculate_tflops_training_per_device`
+    # counts them: per block 24 N D^2 + 4 N^2 D (qkv 6, proj 2, MLP 16 N D^2; QK^T and AV
+    # 4 N^2 D); SwiGLU replaces 16 N D^2 by 6 N D h'. Plus the patch embedding 2 n 3 p^2 D.
     p, d = vit.patch_size, vit.embed_dim
     n_patch = (img // p) ** 2
     n = n_patch + 1 + vit.num_register_tokens
@@ -514,10 +564,9 @@ def _vit_forward_flops(vit: ViTConfig, img: int) -> float:
     return float(vit.depth * block + 2 * n_patch * 3 * p * p * d)
 
 
-def _head_flops(config, ibot: bool) -> float:
+def _head_flops(config, d: int, ibot: bool) -> float:
     h = config.heads
     pre = "ibot_" if ibot else ""
-    d = vit_config(config).embed_dim
     hid, bott, k = (
         int(h[f"{pre}hidden_dim"]),
         int(h[f"{pre}bottleneck_dim"]),
@@ -529,14 +578,16 @@ def _head_flops(config, ibot: bool) -> float:
     return float(mlp + 2 * bott * k)
 
 
-def flops_per_step(config, mask_upper_bound: int | None = None) -> float:
+def flops_per_step(
+    config, mask_upper_bound: int | None = None, *, setup: StepSetup | None = None
+) -> float:
     """Analytic training FLOPs of one step on the global batch (MaxText-style MFU accounting).
 
     Student = 3x forward (forward + backward) over 2B global + n_local*B local crops and their
     heads (CLS tokens, masked patch tokens at the static buffer size); teacher = 1x forward over
     the 2B global crops and its heads. Attention softmax, norms and losses are not counted.
     """
-    setup = StepSetup.from_config(config)
+    setup = _setup_for(config, setup)
     vit = setup.vit
     b = int(config.batch_size)
     nl = int(config.data.local_crops_number)
@@ -545,7 +596,7 @@ def flops_per_step(config, mask_upper_bound: int | None = None) -> float:
         vit, l_size
     )
     teacher_bb = 2 * b * _vit_forward_flops(vit, g_size)
-    dino_head = _head_flops(config, ibot=False)
+    dino_head = _head_flops(config, vit.embed_dim, ibot=False)
     if setup.do_ibot and mask_upper_bound is None:
         from dinojax.data.masking import mask_upper_bound as bound
 
@@ -553,7 +604,7 @@ def flops_per_step(config, mask_upper_bound: int | None = None) -> float:
         ratio = tuple(config.data.mask_ratio)
         mask_upper_bound = bound(2 * b, n_tok, float(config.data.mask_probability), ratio)
     u = int(mask_upper_bound or 0) if setup.do_ibot else 0
-    ibot_head = _head_flops(config, ibot=setup.separate_ibot_head)
+    ibot_head = _head_flops(config, vit.embed_dim, ibot=setup.separate_ibot_head)
     student_heads = (2 * b + nl * b) * dino_head + u * ibot_head
     teacher_heads = 2 * b * dino_head + u * ibot_head
     return float(3 * (backbone_fwd + student_heads) + teacher_bb + teacher_heads)

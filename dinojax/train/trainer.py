@@ -1,6 +1,11 @@
 """The training loop: mesh -> sharded state -> (resume) -> data -> one compiled step -> loop with
 metrics, checkpoints, kNN evaluations, preemption and divergence handling.
 
+`train` runs five phases, each a function of its own: `_set_up` (mesh, the step's static setup,
+the kNN data check, the sharded initial state), `_restore` (latest checkpoint and the data
+iterator after it), `_compile` (the step, once, ahead of the data), `_loop` (the steps; `_Monitor`
+reads back and acts on each step's metrics) and `_finish` (the final kNN evaluation).
+
 Step numbering: after `n` completed steps the state's `step` is `n`, the data iterator has handed
 out batches 0..n-1, and a checkpoint taken then is checkpoint `n`. Resuming from checkpoint `n`
 feeds batch `n` next, so an interrupted run continues with exactly the losses an uninterrupted one
@@ -233,19 +238,84 @@ def train(
     `devices` restricts the mesh to those devices (default: all).
     Raises `TrainingDiverged` on a non-finite step with nan_policy="stop".
     """
-    from dinojax.sharding import assert_sharded, batch_axes, make_mesh
-    from dinojax.ssl import step as ssl_step
-
-    user_config = config
+    user_config, workdir = config, Path(workdir)
     config = resolve_durations(config)
     _validate(config)
-    workdir = Path(workdir)
+    run, state = _set_up(config, devices)
+    ckpt = Checkpointer(
+        workdir / "checkpoints", save_every=int(config.train.checkpoint_every),
+        keep=int(config.train.keep_checkpoints), async_save=bool(config.train.async_checkpoints),
+    )  # fmt: skip
+    state, it, start, resumed = _restore(run, ckpt, state, user_config)
+    if start >= run.end:
+        it.close()
+        ckpt.close()
+        log.warning(
+            "checkpoint %d already reaches the last step %d: nothing to train", start, run.end
+        )
+        return TrainResult(
+            step=start, status=run.status, compile_time_s=0.0, last_metrics={}, knn={},
+            skipped_steps=[], history=[],
+        )  # fmt: skip
+
+    writer = MetricsWriter(
+        workdir, enabled=run.is_main, total_steps=run.end, start_step=start,
+        progress=bool(config.train.get("progress", True)),
+    )  # fmt: skip
+    if resumed is not None:
+        writer.message(f"resumed from checkpoint {resumed} in {ckpt.directory}")
+    compiled, compile_time = _compile(run, state, it, writer, start)
+    monitor = _Monitor(run, writer, ckpt, it, record_history)
+    if config.train.get("knn_at_start", False) and run.knn.enabled and start == 0:
+        monitor.run_knn(0, state)
+    monitor.meter.pause()
+    with PreemptionGuard() as guard:
+        try:
+            state, n, status = _loop(run, state, compiled, it, ckpt, monitor, guard, start,
+                                     _config_json(user_config), on_step)  # fmt: skip
+            _finish(run, state, n, status, monitor)
+        finally:
+            ckpt.wait()
+            it.close()
+            writer.close()
+    ckpt.close()
+    return TrainResult(
+        step=n, status=status, compile_time_s=compile_time, last_metrics=monitor.last_metrics,
+        knn=monitor.knn_results, skipped_steps=monitor.skipped, history=monitor.history,
+    )  # fmt: skip
+
+
+@dataclasses.dataclass
+class _Run:
+    """What `_set_up` builds for the other phases: the mesh and everything static."""
+
+    config: ml_collections.ConfigDict  # durations resolved (resolve_durations)
+    mesh: Any  # jax.sharding.Mesh
+    rules: tuple
+    setup: Any  # dinojax.ssl.step.StepSetup, parsed once for the state, step and FLOP count
+    shardings: dict  # of the state
+    knn: _Knn
+    total: int  # steps of the whole schedule
+    end: int  # the step this run stops at (train.max_steps may stop it early)
+
+    @property
+    def is_main(self) -> bool:
+        return jax.process_index() == 0
+
+    @property
+    def status(self) -> str:
+        """The status of a run that reaches `end`."""
+        return "done" if self.end == self.total else "max_steps"
+
+
+def _set_up(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None):
+    """Phase 1: mesh, static step setup, kNN data check, sharded initial state -> (run, state)."""
+    from dinojax.sharding import assert_sharded, make_mesh
+    from dinojax.ssl import step as ssl_step
+
     t = config.train
-    p_idx, p_cnt = jax.process_index(), jax.process_count()
-    is_main = p_idx == 0
     total = _total_steps(config)
     end = min(total, int(t.max_steps)) if t.max_steps is not None else total
-
     if t.get("compilation_cache_dir", None):
         # Restarts (preemption, resume) then load the compiled step instead of recompiling.
         jax.config.update("jax_compilation_cache_dir", str(t.compilation_cache_dir))
@@ -253,166 +323,170 @@ def train(
     rules = tuple(tuple(r) for r in config.mesh.rules)
 
     def say(text: str) -> None:
-        if is_main:
+        if jax.process_index() == 0:
             print(text, flush=True)
 
     knn = _Knn(config, mesh, say)  # before anything is built or compiled: fail fast
-    state, shardings = ssl_step.create_train_state(config, mesh)
+    setup = ssl_step.StepSetup.from_config(config)
+    state, shardings = ssl_step.create_train_state(config, mesh, setup=setup)
     if mesh.devices.size > 1 and "fsdp" in mesh.shape and mesh.shape["fsdp"] > 1:
         # Large parameters (and the teacher and Adam moments) really are split over fsdp.
         assert_sharded(state, int(t.get("assert_sharded_min_size", 2**20)))
+    return _Run(config, mesh, rules, setup, shardings, knn, total, end), state
 
-    ckpt = Checkpointer(
-        workdir / "checkpoints", save_every=int(t.checkpoint_every),
-        keep=int(t.keep_checkpoints), async_save=bool(t.async_checkpoints),
-    )  # fmt: skip
-    start = 0
+
+def _restore(run: _Run, ckpt: Checkpointer, state: dict, user_config: ml_collections.ConfigDict):
+    """Phase 2: the latest checkpoint, if any, and the data iterator positioned after it
+    -> (state, iterator, first step, restored checkpoint step or None)."""
+    from dinojax.sharding import batch_axes
+    from dinojax.ssl import step as ssl_step
+
+    start, data_state = 0, None
     latest = ckpt.latest_step()
     if latest is not None:
-        target = abstract_state(state, shardings)
+        target = abstract_state(state, run.shardings)
         del state  # free the fresh state before the restored one lands
         state, data_state, saved = ckpt.restore(latest, target)
         start = int(data_state["step"])
         _warn_config_changes(saved, _config_json(user_config))
-    pipeline = make_pipeline(config, p_idx, p_cnt, ssl_step.n_batch_shards(config, mesh))
-    it = pipeline.device_iterator(mesh, data_axes=batch_axes(mesh, rules), start_step=start)
-    if latest is not None:
+    n_shards = ssl_step.n_batch_shards(run.config, run.mesh)
+    pipeline = make_pipeline(run.config, jax.process_index(), jax.process_count(), n_shards)
+    it = pipeline.device_iterator(
+        run.mesh, data_axes=batch_axes(run.mesh, run.rules), start_step=start
+    )
+    if data_state is not None:
         it.set_state(data_state)
+    return state, it, start, latest
 
-    if start >= end:
-        it.close()
-        ckpt.close()
-        log.warning("checkpoint %d already reaches the last step %d: nothing to train", start, end)
-        return TrainResult(
-            step=start, status="done" if end == total else "max_steps", compile_time_s=0.0,
-            last_metrics={}, knn={}, skipped_steps=[], history=[],
-        )  # fmt: skip
 
-    writer = MetricsWriter(
-        workdir, enabled=is_main, total_steps=end, start_step=start,
-        progress=bool(t.get("progress", True)),
-    )  # fmt: skip
-    if latest is not None:
-        writer.message(f"resumed from checkpoint {latest} in {ckpt.directory}")
+def _compile(run: _Run, state: dict, it: Any, writer: MetricsWriter, start: int):
+    """Phase 3: one compilation of the step, ahead of the data, timed on its own
+    -> (compiled step, seconds)."""
+    from dinojax.ssl import step as ssl_step
 
-    # One compilation, ahead of the data, timed on its own.
-    step_fn = ssl_step.make_train_step(config, mesh, shardings)
+    step_fn = ssl_step.make_train_step(run.config, run.mesh, run.shardings, setup=run.setup)
     t0 = time.perf_counter()
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
         # The compiled executable is called directly: a batch or state that does not match what
         # was compiled is an error instead of a silent recompilation.
         compiled = step_fn.jitted.lower(state, it.element_spec).compile()
     compile_time = time.perf_counter() - t0
     writer.write(start, {"compile_time_s": compile_time}, kind="compile")
     writer.message(f"compiled the training step in {compile_time:.1f} s")
+    return compiled, compile_time
 
-    flops = None
-    if hasattr(ssl_step, "flops_per_step"):
-        flops = float(ssl_step.flops_per_step(config))
-    peak = t.peak_flops or peak_flops_per_device(jax.devices()[0].device_kind)
-    meter = Throughput(config.batch_size, flops, mesh.devices.size, peak)
 
-    knn_results: dict[int, dict[str, float]] = {}
-    history: list[dict[str, float]] = []
-    skipped: list[int] = []
-    consecutive_skips = 0
-    last_metrics: dict[str, float] = {}
-    cfg_json = _config_json(user_config)
+def _loop(
+    run: _Run, state: dict, compiled: Any, it: Any, ckpt: Checkpointer, monitor: _Monitor,
+    guard: PreemptionGuard, start: int, cfg_json: dict, on_step: Callable[[int], None] | None,
+) -> tuple[dict, int, str]:  # fmt: skip
+    """Phase 4: steps `start` .. `run.end` - 1 -> (state, completed steps, status)."""
+    pending: tuple[int, Any] | None = None  # step n's metrics are read while step n + 1 runs
+    n = start
+    while n < run.end:
+        state, m_dev = compiled(state, next(it))
+        if pending is not None:
+            monitor.handle(*pending)
+        pending = (n, m_dev)
+        n += 1
+        if on_step is not None:
+            on_step(n)
+        preempted = guard.reached(n)
+        knn_due = monitor.knn_due(n)
+        if ckpt.should_save(n) or knn_due or preempted or n == run.end:
+            monitor.handle(*pending)  # a checkpoint only holds steps known to be finite
+            pending = None
+            ckpt.save(n, state, it.get_state(), cfg_json, force=preempted or n == run.end)
+            if knn_due:
+                monitor.run_knn(n, state)
+        if preempted:
+            monitor.writer.message(
+                f"{guard.signal_name}: checkpoint {n} written to {ckpt.directory}; "
+                "run the same command again to resume"
+            )
+            return state, n, "preempted"
+    if pending is not None:
+        monitor.handle(*pending)
+    return state, n, run.status
 
-    def run_knn(n: int) -> None:
-        res = knn(state)
-        knn_results[n] = res
-        writer.write(n, res, kind="knn")
-        writer.message(
+
+def _finish(run: _Run, state: dict, n: int, status: str, monitor: _Monitor) -> None:
+    """Phase 5: the final kNN evaluation (train.knn_at_end), unless preempted or just done."""
+    at_end = bool(run.config.train.get("knn_at_end", False)) and run.knn.enabled
+    if status != "preempted" and at_end and n not in monitor.knn_results:
+        monitor.run_knn(n, state)
+
+
+class _Monitor:
+    """Reads back each step's metrics and acts on them (NaN policy, records, progress bar), runs
+    the kNN evaluations, and keeps what `TrainResult` reports."""
+
+    def __init__(
+        self, run: _Run, writer: MetricsWriter, ckpt: Checkpointer, it: Any, record_history: bool
+    ) -> None:
+        from dinojax.ssl import step as ssl_step
+
+        self.t, self.end, self.knn = run.config.train, run.end, run.knn
+        self.writer, self.ckpt, self.it = writer, ckpt, it
+        self.record_history = record_history
+        flops = float(ssl_step.flops_per_step(run.config, setup=run.setup))
+        peak = self.t.peak_flops or peak_flops_per_device(jax.devices()[0].device_kind)
+        self.meter = Throughput(run.config.batch_size, flops, run.mesh.devices.size, peak)
+        self.knn_results: dict[int, dict[str, float]] = {}
+        self.history: list[dict[str, float]] = []
+        self.skipped: list[int] = []
+        self.consecutive_skips = 0
+        self.last_metrics: dict[str, float] = {}
+
+    def knn_due(self, n: int) -> bool:
+        every = self.t.knn_every
+        return bool(self.knn.enabled and every and n % int(every) == 0)
+
+    def run_knn(self, n: int, state: dict) -> None:
+        res = self.knn(state)
+        self.knn_results[n] = res
+        self.writer.write(n, res, kind="knn")
+        self.writer.message(
             f"step {n}: teacher kNN " + ", ".join(f"{k}={v:.2f}" for k, v in res.items())
         )
-        meter.pause()
+        self.meter.pause()
 
-    def handle(n: int, m_dev: dict) -> None:
+    def handle(self, n: int, m_dev: dict) -> None:
         """Read back the metrics of step index `n` (0-based) and act on them."""
-        nonlocal consecutive_skips, last_metrics
+        t, writer = self.t, self.writer
         m = {k: _to_float(v) for k, v in jax.device_get(m_dev).items()}
         finite = bool(m.get("finite", 1.0)) and all(
             math.isfinite(v) for k, v in m.items() if k.startswith("loss")
         )
         m["finite"] = float(finite)
-        meter.tick()
+        self.meter.tick()
         m["iteration"] = float(n)  # 0-based official iteration; records carry completed steps
-        if record_history:
-            history.append(dict(m))
+        if self.record_history:
+            self.history.append(dict(m))
         if not finite:
             if t.nan_policy == "stop":
-                ckpt.wait()  # saves in flight hold good states: let them land
+                self.ckpt.wait()  # saves in flight hold good states: let them land
                 writer.write(n + 1, m)
                 writer.close()
-                raise TrainingDiverged(n, ckpt.latest_step(), m)
-            skipped.append(n)
-            consecutive_skips += 1
+                raise TrainingDiverged(n, self.ckpt.latest_step(), m)
+            self.skipped.append(n)
+            self.consecutive_skips += 1
             writer.message(f"step {n}: non-finite loss or gradient, update skipped")
-            if consecutive_skips > int(t.max_consecutive_skips):
-                ckpt.wait()
+            if self.consecutive_skips > int(t.max_consecutive_skips):
+                self.ckpt.wait()
                 writer.close()
-                raise TrainingDiverged(n, ckpt.latest_step(), m)
+                raise TrainingDiverged(n, self.ckpt.latest_step(), m)
         else:
-            consecutive_skips = 0
-        last_metrics = m
-        if (n + 1) % int(t.log_every) == 0 or n + 1 == end:
-            m.update(meter.measure())
-            stats = it.stats
+            self.consecutive_skips = 0
+        self.last_metrics = m
+        if (n + 1) % int(t.log_every) == 0 or n + 1 == self.end:
+            m.update(self.meter.measure())
+            stats = self.it.stats
             m.update(bad_records=stats["bad_records"], skipped_reads=stats["skipped_reads"])
             writer.write(n + 1, m)
         loss = m.get("loss", m.get("total_loss", float("nan")))
         writer.progress(n + 1, {"loss": loss, "img/s": m.get("img_per_s")} if "img_per_s" in m
                         else {"loss": loss})  # fmt: skip
-
-    status = "done" if end == total else "max_steps"
-    knn_start = bool(t.get("knn_at_start", False)) and knn.enabled
-    if knn_start and start == 0:
-        run_knn(0)
-    meter.pause()
-    pending: tuple[int, dict] | None = None
-    n = start
-    with PreemptionGuard() as guard:
-        try:
-            while n < end:
-                batch = next(it)
-                state, m_dev = compiled(state, batch)
-                if pending is not None:
-                    handle(*pending)
-                pending = (n, m_dev)
-                n += 1
-                if on_step is not None:
-                    on_step(n)
-                preempted = guard.reached(n)
-                knn_due = knn.enabled and t.knn_every and n % int(t.knn_every) == 0
-                if ckpt.should_save(n) or knn_due or preempted or n == end:
-                    handle(*pending)
-                    pending = None
-                    ckpt.save(n, state, it.get_state(), cfg_json, force=preempted or n == end)
-                    if knn_due:
-                        run_knn(n)
-                if preempted:
-                    status = "preempted"
-                    writer.message(
-                        f"{guard.signal_name}: checkpoint {n} written to {ckpt.directory}; "
-                        "run the same command again to resume"
-                    )
-                    break
-            if pending is not None:
-                handle(*pending)
-                pending = None
-            if status != "preempted" and bool(t.get("knn_at_end", False)) and knn.enabled:
-                if n not in knn_results:
-                    run_knn(n)
-        finally:
-            ckpt.wait()
-            it.close()
-            writer.close()
-    ckpt.close()
-    return TrainResult(
-        step=n, status=status, compile_time_s=compile_time, last_metrics=last_metrics,
-        knn=knn_results, skipped_steps=skipped, history=history,
-    )  # fmt: skip
 
 
 def _warn_config_changes(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> None:
