@@ -4,7 +4,8 @@
   `knn_eval` (model + datasets -> top-1/top-5), `python -m dinojax.eval.knn`.
 - `dinojax.eval.linear`: official linear-eval features, the released `linear` / `linear4` heads
   (and DINO v1 heads), `linear_eval`, `python -m dinojax.eval.linear`;
-  `dinojax.eval.probe`: the grid of linear probes trained in one jitted loop.
+  `dinojax.eval.probe`: the grid of linear probes trained in one jitted loop;
+  `dinojax.eval.linear_features`: the official linear-eval input recipe both of them use.
 - `dinojax.eval.extract`: CLS / patch / intermediate-layer features to `.npy`,
   `python -m dinojax.eval.extract`.
 - `dinojax.eval.pictures`: patch-feature PCA and attention-map PNGs,

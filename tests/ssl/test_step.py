@@ -44,6 +44,7 @@ from dinojax.data.masking import collate_masks
 from dinojax.sharding import assert_sharded, batch_sharding, make_mesh
 from dinojax.ssl import optim
 from dinojax.ssl.step import (
+    StepSetup,
     create_train_state,
     flops_per_step,
     make_train_step,
@@ -628,6 +629,16 @@ def test_flops_per_step_counts_the_recipe():
     student = 2 * b * vit(196) + 8 * b * vit(36) + (2 * b + 8 * b) * head + u * ibot
     teacher = 2 * b * vit(196) + 2 * b * head + u * ibot
     assert flops_per_step(c) == pytest.approx(3 * student + teacher, rel=1e-12)
+
+
+def test_setup_is_parsed_once_and_tied_to_its_config():
+    c = base_config()
+    setup = StepSetup.from_config(c)
+    # the trainer passes one setup to state creation, the step and the FLOP count
+    assert flops_per_step(c, setup=setup) == flops_per_step(c)
+    assert setup.tx is setup.tx and setup.graphs is setup.graphs  # built once, cached
+    with pytest.raises(ValueError, match="another config"):
+        flops_per_step(base_config(), setup=setup)
 
 
 def test_bad_config_raises_clear_errors():
