@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import math
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -107,6 +108,12 @@ def test_blur_matches_torchvision(photo, sigma):
     assert (diff > 0).mean() < 1e-3
 
 
+# Largest |dinojax - torchvision| of adjust_hue, in levels of one channel: measured over all 2^24
+# RGB colours for 51 of the 255 hue shifts (-125, -120, ..., 125 in 1/255 of a turn), 13 for each
+# of them; in the worst channel 0.0065% of (colour, shift) pairs reach 13 and 1.4% exceed 9.
+HUE_BOUND = 13
+
+
 def _pil_hue(a: np.ndarray, hue_factor: float) -> np.ndarray:
     # torchvision F_pil.adjust_hue
     h, s, v = Image.fromarray(a).convert("HSV").split()
@@ -141,12 +148,13 @@ def _ideal_hue(a: np.ndarray, hue_factor: float) -> np.ndarray:
 def test_hue_rotation(photo, hue):
     """8-bit HSV round trips are lossy in both libraries. OpenCV's (ours) is closer to the exact
     rotation than Pillow's (torchvision's), and close to Pillow's: measured mean |ours - Pillow|
-    0.5-0.6 levels on the photo, 1.1 on its noise corner, max 10-13."""
+    0.54-0.61 levels on the photo (1.1 on its noise corner), max 11-12; HUE_BOUND holds for
+    every colour (test_hue_bound_over_every_colour)."""
     ours, pil, ideal = adjust_hue(photo, hue), _pil_hue(photo, hue), _ideal_hue(photo, hue)
     err_ours, err_pil = np.abs(ours - ideal), np.abs(pil - ideal)
     assert err_ours.mean() <= err_pil.mean() and err_ours.mean() < 0.6 and err_ours.max() <= 10
     diff = np.abs(ours.astype(int) - pil)
-    assert diff.mean() < 1.0 and diff.max() <= 16
+    assert diff.mean() < 0.65 and diff.max() <= HUE_BOUND
     with pytest.raises(ValueError, match="hue_factor"):
         adjust_hue(photo, 0.6)
 
@@ -266,9 +274,9 @@ def test_ops_match_real_torchvision(photo, torchvision_outputs):
     for s in SIGMAS:
         diff = np.abs(gaussian_blur(photo, s).astype(int) - tv[f"blur/{s}"])
         assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
-    for hf in HUES:
+    for hf in HUES:  # not exact: see test_hue_bound_over_every_colour
         diff = np.abs(adjust_hue(photo, hf).astype(int) - tv[f"hue/{hf}"])
-        assert diff.mean() < 1.0 and diff.max() <= 16
+        assert diff.mean() < 0.65 and diff.max() <= HUE_BOUND  # measured 0.61 / 11, 0.57 / 12
     g = to_grayscale(photo)
     np.testing.assert_array_equal(np.stack([g, g, g], -1), tv["gray"])
     np.testing.assert_array_equal(solarize(photo, 128), tv["solarize"])
@@ -284,6 +292,23 @@ def test_random_resized_crop_law_vs_real_torchvision(torchvision_outputs):
         ref = torchvision_outputs[f"rrc/{h},{w},{lo}"]
         ours = [random_resized_crop_params(rng, h, w, (lo, hi), (3 / 4, 4 / 3)) for _ in ref]
         _compare_laws(ours, ref, h, w, "torchvision")
+
+
+def test_hue_bound_over_every_colour(torchvision):
+    """Hue is the one jitter operation that is not torchvision-exact (OpenCV's 8-bit HSV round
+    trip instead of Pillow's). Both are per-pixel functions of (colour, shift), so one image
+    holding every RGB colour gives the exact worst case for a shift: HUE_BOUND levels, mean 1.106
+    levels per channel over the cube (saturated colours dominate it; natural photos 0.25-0.6)."""
+    from torchvision.transforms import functional as TF
+
+    c = np.arange(1 << 24, dtype=np.uint32)
+    cube = np.stack([c >> 16, (c >> 8) & 255, c & 255], -1).astype(np.uint8).reshape(4096, 4096, 3)
+    del c
+    tv = np.asarray(TF.adjust_hue(Image.fromarray(cube), -0.1))
+    diff = cv2.absdiff(adjust_hue(cube, -0.1), tv)
+    # equal, not at most: a change in either library that moves the bound must update the README
+    assert diff.max() == HUE_BOUND
+    assert diff.mean() < 1.11  # measured 1.1063
 
 
 def _small_config(**kw) -> AugmentConfig:
