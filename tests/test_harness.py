@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-from conftest import Children
 
 
 def _alive(pid: int) -> bool:
@@ -17,12 +16,14 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    # a zombie still answers kill(0); it has exited all the same
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    try:  # a zombie still answers kill(0); it has exited all the same
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
-def test_children_kill_the_whole_process_group(tmp_path):
+def test_children_kill_the_whole_process_group(tmp_path, children):
     """A child that started a grandchild and then timed out: both are gone after `kill_all`."""
     pidfile = tmp_path / "grandchild.pid"
     code = (
@@ -30,16 +31,15 @@ def test_children_kill_the_whole_process_group(tmp_path):
         "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
         f"open({str(pidfile)!r}, 'w').write(str(g.pid)); time.sleep(600)"
     )
-    c = Children()
     with pytest.raises(subprocess.TimeoutExpired):
-        c.run([sys.executable, "-c", code], timeout=5)
+        children.run([sys.executable, "-c", code], timeout=5)
     deadline = time.monotonic() + 30
     while not pidfile.exists() or not pidfile.read_text():
         assert time.monotonic() < deadline
         time.sleep(0.05)
     grandchild = int(pidfile.read_text())
     assert _alive(grandchild)
-    c.kill_all()
+    children.kill_all()  # what the fixture does when a test ends
     deadline = time.monotonic() + 30
     while _alive(grandchild):
         assert time.monotonic() < deadline, "the grandchild survived its test"
