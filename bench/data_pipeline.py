@@ -1,19 +1,21 @@
 """Crops per second per CPU core: dinojax's multi-crop pipeline vs the official torchvision one.
 
 Both sides run single-process, single-threaded (one core), in the same run, on the same JPEG
-files: ours in this interpreter, the official `dinov2.data.augmentations.DataAugmentationDINO`
-(PyPI `dinov2`, torchvision) in a second interpreter that has torchvision (`--official-python`;
-torchvision cannot be imported beside the project's torch). Each side decodes the JPEG bytes with
-Pillow and produces normalised float32 crops. Runs alternate between the two sides and the median
-is reported; the machine may be shared, so compare the ratio, not the absolute numbers.
+files: ours in this process, the official `dinov2.data.augmentations.DataAugmentationDINO`
+(PyPI `dinov2`, torchvision) in a child process of this interpreter (the `test` extra installs
+torch and torchvision; `--official-python` or DINOJAX_TORCHVISION_PYTHON names another
+interpreter). Each side decodes the JPEG bytes with Pillow and produces normalised float32
+crops. Runs alternate between the two sides and the median is reported; the machine may be shared,
+so compare the ratio, not the absolute numbers.
 
 Also measured: the full host pipeline (grain, per-record seeding, batching, iBOT masks, collate)
 in one process, and mask generation per batch.
 
     python bench/data_pipeline.py --images 160 --repeats 3
 
-A missing official interpreter is an error (exit 2, with how to create it); `--no-official`
-measures dinojax alone and says so loudly. Both sides are pinned to one core (`--cpu`).
+An official side that cannot import torchvision and dinov2 is an error (exit 2, with how to
+install them); `--no-official` measures dinojax alone and says so loudly. Both sides are pinned
+to one core (`--cpu`).
 
 Writes one JSON line per measurement and a summary line to bench/results/data_pipeline.jsonl.
 """
@@ -37,8 +39,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# Training-step rates of one H100 (shared/bench/README.md, 2 global 224 px + 8 local 98 px crops,
-# batch 64): images per second.
+# Training-step rates of one H100 in images per second (2 global 224 px + 8 local 98 px crops,
+# batch 64): the official PyTorch step, eager and torch.compile, and a plain JAX step, measured
+# in 2026-11 before the project had its own side-by-side script (re-measure on a GPU host).
+# Used only to turn crops/s per core into cores needed per H100.
 H100_STEP_RATES = {
     "ViT-S/14 torch eager": 500.5,
     "ViT-S/14 torch.compile": 731.1,
@@ -153,6 +157,7 @@ def run_official(python: str, files: list[str], cfg, inner_repeats: int) -> dict
         text=True,
         env=env,
         check=False,
+        timeout=3600,  # a stuck official side must not hang the benchmark
     )
     if proc.returncode != 0:
         raise RuntimeError(f"official side failed:\n{proc.stderr[-3000:]}")
@@ -221,8 +226,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32, help="for the full host pipeline")
     p.add_argument(
         "--official-python",
-        default=os.environ.get("DINOJAX_TORCHVISION_PYTHON", "/work/venv-tv/bin/python"),
-        help="interpreter with torchvision and the dinov2 package (see the error if missing)",
+        default=os.environ.get("DINOJAX_TORCHVISION_PYTHON", sys.executable),
+        help="interpreter with torchvision and the dinov2 package (default: this one)",
     )
     p.add_argument(
         "--no-official",
@@ -242,12 +247,12 @@ def main() -> None:
 
     cfg = PRESETS[args.preset](local_crops_size=args.local_size)
     has_official = not args.no_official
-    if has_official and not Path(args.official_python).exists():
+    if has_official and not _official_side_imports(args.official_python):
         print(
-            f"error: no official-side interpreter at {args.official_python}. The benchmark "
-            "compares with the official torchvision pipeline in the same run; create it with\n"
-            "  python3 -m venv /work/venv-tv && /work/venv-tv/bin/pip install torch torchvision "
-            "numpy pillow && /work/venv-tv/bin/pip install --no-deps dinov2==0.0.1.dev2\n"
+            f"error: {args.official_python} cannot import torchvision and "
+            "dinov2.data.augmentations. The benchmark compares with the official torchvision "
+            "pipeline in the same run; install them with\n"
+            "  pip install -e '.[test]' && pip install --no-deps dinov2==0.0.1.dev2\n"
             "or pass --official-python PATH (or set DINOJAX_TORCHVISION_PYTHON), or --no-official "
             "to measure dinojax alone.",
             file=sys.stderr,
@@ -326,6 +331,15 @@ def main() -> None:
     emit(summary)
     if args.no_official:
         _shout("--no-official: no comparison with the official pipeline was made")
+
+
+def _official_side_imports(python: str) -> bool:
+    code = "import torchvision, dinov2.data.augmentations"
+    try:
+        proc = subprocess.run([python, "-c", code], capture_output=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return proc.returncode == 0
 
 
 def _shout(msg: str) -> None:

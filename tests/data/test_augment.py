@@ -1,20 +1,20 @@
-"""Multi-crop augmentation vs torchvision's PIL path (official-dino.md §4.5).
+"""Multi-crop augmentation vs torchvision's PIL path (torchvision `transforms/_functional_pil.py`,
+as called by facebookresearch/dinov2 `dinov2/data/augmentations.py` `DataAugmentationDINO`).
 
 Each operation is compared with what torchvision runs for a PIL image: Pillow's ImageEnhance,
-convert("L"), ImageOps.solarize, and torch for GaussianBlur / ToTensor + Normalize (the same torch
-calls torchvision makes, written out here because torchvision cannot be imported beside this
-torch). RandomResizedCrop's parameter law is compared with a transcription of torchvision's
-`get_params` driven by torch's RNG, and with torchvision itself when /work/venv-tv has it.
+convert("L"), ImageOps.solarize, and torch for GaussianBlur / ToTensor + Normalize (the torch
+calls torchvision makes, written out so that the comparison holds without torchvision too), and
+with real torchvision (the `test` extra pins it; under CI=true its absence fails, see the
+`torchvision` fixture in tests/conftest.py). RandomResizedCrop's parameter law is compared with a
+transcription of torchvision's `get_params` driven by torch's RNG, and with torchvision itself.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import math
-import os
-import subprocess
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -38,8 +38,6 @@ from dinojax.data.augment import (
     solarize,
     to_grayscale,
 )
-
-TV_PYTHON = os.environ.get("DINOJAX_TORCHVISION_PYTHON", "/work/venv-tv/bin/python")
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +108,12 @@ def test_blur_matches_torchvision(photo, sigma):
     assert (diff > 0).mean() < 1e-3
 
 
+# Largest |dinojax - torchvision| of adjust_hue, in levels of one channel: measured over all 2^24
+# RGB colours for 51 of the 255 hue shifts (-125, -120, ..., 125 in 1/255 of a turn), 13 for each
+# of them; in the worst channel 0.0065% of (colour, shift) pairs reach 13 and 1.4% exceed 9.
+HUE_BOUND = 13
+
+
 def _pil_hue(a: np.ndarray, hue_factor: float) -> np.ndarray:
     # torchvision F_pil.adjust_hue
     h, s, v = Image.fromarray(a).convert("HSV").split()
@@ -144,12 +148,13 @@ def _ideal_hue(a: np.ndarray, hue_factor: float) -> np.ndarray:
 def test_hue_rotation(photo, hue):
     """8-bit HSV round trips are lossy in both libraries. OpenCV's (ours) is closer to the exact
     rotation than Pillow's (torchvision's), and close to Pillow's: measured mean |ours - Pillow|
-    0.5-0.6 levels on the photo, 1.1 on its noise corner, max 10-13."""
+    0.54-0.61 levels on the photo (1.1 on its noise corner), max 11-12; HUE_BOUND holds for
+    every colour (test_hue_bound_over_every_colour)."""
     ours, pil, ideal = adjust_hue(photo, hue), _pil_hue(photo, hue), _ideal_hue(photo, hue)
     err_ours, err_pil = np.abs(ours - ideal), np.abs(pil - ideal)
     assert err_ours.mean() <= err_pil.mean() and err_ours.mean() < 0.6 and err_ours.max() <= 10
     diff = np.abs(ours.astype(int) - pil)
-    assert diff.mean() < 1.0 and diff.max() <= 16
+    assert diff.mean() < 0.65 and diff.max() <= HUE_BOUND
     with pytest.raises(ValueError, match="hue_factor"):
         adjust_hue(photo, 0.6)
 
@@ -215,39 +220,6 @@ def test_random_resized_crop_law(height, width, scale):
     _compare_laws(ours, ref, height, width, f"scale {scale}")
 
 
-_TV_SCRIPT = r"""
-import json, sys
-import numpy as np, torch
-from PIL import Image
-from torchvision.transforms import InterpolationMode, Normalize, RandomResizedCrop, ToTensor
-from torchvision.transforms import functional as F
-args = json.loads(sys.argv[1])
-img = Image.fromarray(np.load(args["photo"]))
-out = {}
-torch.manual_seed(0)
-for h, w, lo, hi in args["rrc_cases"]:
-    blank = Image.new("RGB", (w, h))
-    out[f"rrc/{h},{w},{lo}"] = np.array(
-        [RandomResizedCrop.get_params(blank, [lo, hi], [3 / 4, 4 / 3]) for _ in range(args["n"])])
-for k, (i, j, h, w, size) in enumerate(args["boxes"]):
-    out[f"crop/{k}"] = np.asarray(F.resized_crop(img, i, j, h, w, [size, size],
-                                                 InterpolationMode.BICUBIC))
-for f in args["factors"]:
-    out[f"brightness/{f}"] = np.asarray(F.adjust_brightness(img, f))
-    out[f"contrast/{f}"] = np.asarray(F.adjust_contrast(img, f))
-    out[f"saturation/{f}"] = np.asarray(F.adjust_saturation(img, f))
-for hf in args["hues"]:
-    out[f"hue/{hf}"] = np.asarray(F.adjust_hue(img, hf))
-for s in args["sigmas"]:
-    out[f"blur/{s}"] = np.asarray(F.gaussian_blur(img, [9, 9], [s, s]))
-out["gray"] = np.asarray(F.rgb_to_grayscale(img, num_output_channels=3))
-out["solarize"] = np.asarray(F.solarize(img, 128))
-out["hflip"] = np.asarray(F.hflip(img))
-norm = Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-out["normalize"] = norm(ToTensor()(img)).permute(1, 2, 0).numpy()
-np.savez(args["out"], **out)
-"""
-
 RRC_CASES = [(h, w, lo, hi) for h, w in SIZES[:2] for lo, hi in SCALES[:2]]
 BOXES = [(0, 0, 224, 224, 224), (10, 30, 150, 120, 224), (100, 7, 60, 90, 96), (5, 5, 20, 20, 98)]
 FACTORS = [0.6, 0.93, 1.4]
@@ -256,19 +228,38 @@ SIGMAS = [0.1, 0.8, 2.0]
 
 
 @pytest.fixture(scope="module")
-def torchvision_outputs(photo, tmp_path_factory):
-    """What real torchvision computes on the photo (one subprocess in the torchvision venv)."""
-    if not os.path.exists(TV_PYTHON):
-        pytest.skip("no interpreter with torchvision (set DINOJAX_TORCHVISION_PYTHON)")
-    d = tmp_path_factory.mktemp("tv")
-    np.save(d / "photo.npy", photo)
-    args = {
-        "photo": str(d / "photo.npy"), "out": str(d / "out.npz"), "n": 2000,
-        "rrc_cases": RRC_CASES, "boxes": BOXES, "factors": FACTORS, "hues": HUES,
-        "sigmas": SIGMAS,
-    }  # fmt: skip
-    subprocess.run([TV_PYTHON, "-c", _TV_SCRIPT, json.dumps(args)], check=True, capture_output=True)
-    return dict(np.load(d / "out.npz"))
+def torchvision_outputs(photo, torchvision):
+    """What real torchvision computes on the photo."""
+    from torchvision.transforms import InterpolationMode, Normalize, RandomResizedCrop, ToTensor
+    from torchvision.transforms import functional as TF
+
+    img = Image.fromarray(photo)
+    out = {}
+    torch.manual_seed(0)
+    for h, w, lo, hi in RRC_CASES:
+        blank = Image.new("RGB", (w, h))
+        out[f"rrc/{h},{w},{lo}"] = np.array(
+            [RandomResizedCrop.get_params(blank, [lo, hi], [3 / 4, 4 / 3]) for _ in range(2000)]
+        )
+    for k, (i, j, h, w, size) in enumerate(BOXES):
+        out[f"crop/{k}"] = np.asarray(
+            TF.resized_crop(img, i, j, h, w, [size, size], InterpolationMode.BICUBIC)
+        )
+    for f in FACTORS:
+        out[f"brightness/{f}"] = np.asarray(TF.adjust_brightness(img, f))
+        out[f"contrast/{f}"] = np.asarray(TF.adjust_contrast(img, f))
+        out[f"saturation/{f}"] = np.asarray(TF.adjust_saturation(img, f))
+    for hf in HUES:
+        out[f"hue/{hf}"] = np.asarray(TF.adjust_hue(img, hf))
+    for s in SIGMAS:
+        out[f"blur/{s}"] = np.asarray(TF.gaussian_blur(img, [9, 9], [s, s]))
+    out["gray"] = np.asarray(TF.rgb_to_grayscale(img, num_output_channels=3))
+    out["solarize"] = np.asarray(TF.solarize(img, 128))
+    out["hflip"] = np.asarray(TF.hflip(img))
+    # the official constants (dinov2/data/transforms.py), not the project's copies
+    norm = Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    out["normalize"] = norm(ToTensor()(img)).permute(1, 2, 0).numpy()
+    return out
 
 
 def test_ops_match_real_torchvision(photo, torchvision_outputs):
@@ -283,9 +274,9 @@ def test_ops_match_real_torchvision(photo, torchvision_outputs):
     for s in SIGMAS:
         diff = np.abs(gaussian_blur(photo, s).astype(int) - tv[f"blur/{s}"])
         assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
-    for hf in HUES:
+    for hf in HUES:  # not exact: see test_hue_bound_over_every_colour
         diff = np.abs(adjust_hue(photo, hf).astype(int) - tv[f"hue/{hf}"])
-        assert diff.mean() < 1.0 and diff.max() <= 16
+        assert diff.mean() < 0.65 and diff.max() <= HUE_BOUND  # measured 0.61 / 11, 0.57 / 12
     g = to_grayscale(photo)
     np.testing.assert_array_equal(np.stack([g, g, g], -1), tv["gray"])
     np.testing.assert_array_equal(solarize(photo, 128), tv["solarize"])
@@ -301,6 +292,23 @@ def test_random_resized_crop_law_vs_real_torchvision(torchvision_outputs):
         ref = torchvision_outputs[f"rrc/{h},{w},{lo}"]
         ours = [random_resized_crop_params(rng, h, w, (lo, hi), (3 / 4, 4 / 3)) for _ in ref]
         _compare_laws(ours, ref, h, w, "torchvision")
+
+
+def test_hue_bound_over_every_colour(torchvision):
+    """Hue is the one jitter operation that is not torchvision-exact (OpenCV's 8-bit HSV round
+    trip instead of Pillow's). Both are per-pixel functions of (colour, shift), so one image
+    holding every RGB colour gives the exact worst case for a shift: HUE_BOUND levels, mean 1.106
+    levels per channel over the cube (saturated colours dominate it; natural photos 0.25-0.6)."""
+    from torchvision.transforms import functional as TF
+
+    c = np.arange(1 << 24, dtype=np.uint32)
+    cube = np.stack([c >> 16, (c >> 8) & 255, c & 255], -1).astype(np.uint8).reshape(4096, 4096, 3)
+    del c
+    tv = np.asarray(TF.adjust_hue(Image.fromarray(cube), -0.1))
+    diff = cv2.absdiff(adjust_hue(cube, -0.1), tv)
+    # equal, not at most: a change in either library that moves the bound must update the README
+    assert diff.max() == HUE_BOUND
+    assert diff.mean() < 1.11  # measured 1.1063
 
 
 def _small_config(**kw) -> AugmentConfig:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import pickle
-import subprocess
 import sys
 from pathlib import Path
 
@@ -125,16 +124,15 @@ def test_tfds_errors(tfds_dir, tmp_path):
         TfdsSource("dinojax_tiny_tensor", data_dir=tfds_dir, image_key="pixels")
 
 
-def test_tfds_source_in_fresh_interpreter(tfds_dir):
+def test_tfds_source_in_fresh_interpreter(tfds_dir, children):
     """grain spawns workers: there the builder class is not registered; reading must still work."""
     src = TfdsSource("dinojax_tiny_image", data_dir=tfds_dir)
     code = (
         "import pickle, sys; src = pickle.loads(sys.stdin.buffer.read()); "
         "print(len(src), len(src[0]['image']))"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], input=pickle.dumps(src), capture_output=True, check=True
-    )
+    out = children.run([sys.executable, "-c", code], input=pickle.dumps(src), timeout=300)
+    assert out.returncode == 0, out.stderr.decode()[-3000:]
     assert out.stdout.decode().split() == [str(len(src)), str(len(src[0]["image"]))]
 
 

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,40 +67,27 @@ def test_eval_transform_pipeline():
     assert fit_to_patch(90, 120, 14, size=224) == (224, 294)
 
 
-TV_PYTHON = os.environ.get("DINOJAX_TORCHVISION_PYTHON", "/work/venv-tv/bin/python")
-_TV_SCRIPT = """
-import json, sys, types
-# Only the PIL transforms are used; the C++ op registrations may not load beside another torch.
-sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("m"))
-import numpy as np
-from PIL import Image
-from torchvision import transforms as T
-args = json.loads(sys.argv[1])
-out = {}
-for i, (path, resize, crop) in enumerate(args["cases"]):
-    t = T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(crop),
-                   T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-    out[str(i)] = t(Image.open(path).convert("RGB")).permute(1, 2, 0).numpy()
-np.savez(args["out"], **out)
-"""
+def test_eval_transform_matches_real_torchvision(tmp_path, torchvision):
+    """facebookresearch/dinov2 `dinov2/data/transforms.py` `make_classification_eval_transform`
+    (Resize bicubic, CenterCrop, ToTensor, Normalize), run by torchvision itself: bit-exact on
+    upscaling, downscaling, extreme aspect ratios and zero padding (crop > image)."""
+    from torchvision import transforms as T
 
-
-def test_eval_transform_matches_real_torchvision(tmp_path):
-    """DINOv2's make_classification_eval_transform, run by torchvision itself (measured bit-exact
-    with torchvision 0.28 on these cases: upscaling, downscaling, extreme aspect, padding)."""
-    if not os.path.exists(TV_PYTHON):
-        pytest.skip("no interpreter with torchvision (set DINOJAX_TORCHVISION_PYTHON)")
     sizes = [(500, 375), (375, 500), (64, 64), (257, 300), (223, 223), (1000, 37)]
     cases = []
     for i, (w, h) in enumerate(sizes):
         _image(w, h, i).save(tmp_path / f"{i}.png")
         cases.append((str(tmp_path / f"{i}.png"), 256, 224))
     cases += [(cases[2][0], 200, 224), (cases[3][0], 64, 56)]  # crop > image: zero padding
-    args = {"cases": cases, "out": str(tmp_path / "tv.npz")}
-    subprocess.run([TV_PYTHON, "-c", _TV_SCRIPT, json.dumps(args)], check=True, capture_output=True)
-    tv = np.load(tmp_path / "tv.npz")
-    for i, (path, resize, crop) in enumerate(cases):
-        np.testing.assert_array_equal(EvalTransform(resize, crop)(path), tv[str(i)])
+    for path, resize, crop in cases:
+        official = T.Compose([
+            T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(crop),
+            T.ToTensor(),
+            T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ])  # fmt: skip
+        expected = official(Image.open(path).convert("RGB")).permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(EvalTransform(resize, crop)(path), expected, err_msg=path)
 
 
 def _direct(model, images: np.ndarray) -> np.ndarray:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,20 +19,18 @@ WORKER = Path(__file__).with_name("knn_worker.py")
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one(tmp_path, tiny_checkpoint):
+def test_two_processes_equal_one(tmp_path, tiny_checkpoint, children, reserve_port):
     import dinojax
     from dinojax.eval.features import Cls, extract_features
     from dinojax.eval.knn import knn_eval
     from dinojax.eval.transforms import EvalTransform
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = reserve_port()  # held until the test ends; process 0's coordinator binds it too
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="4", TF_CPP_MIN_LOG_LEVEL="3")
     env.pop("XLA_FLAGS", None)
     root = Path(__file__).resolve().parents[2]
     procs = [
-        subprocess.Popen(
+        children.popen(
             [sys.executable, str(WORKER), tiny_checkpoint, str(port), str(i), str(tmp_path)],
             env=env,
             cwd=root,

@@ -15,8 +15,10 @@ from dinojax.data.masking import mask_upper_bound
 
 def _hand_flops_per_image(batch: int, remat: bool) -> float:
     """2 FLOPs per multiply-add, backward = 2 x forward. ViT-g/14: D 1536, 40 blocks, SwiGLU
-    hidden 4096 (official-dino.md §1.2); heads 1536 -> 2048 -> 2048 -> bottleneck -> 131072
-    (DINO bottleneck 384, iBOT 256, §4.1); iBOT head on the step's static masked-token buffer."""
+    hidden 4096 (facebookresearch/dinov2 `dinov2/models/vision_transformer.py` `vit_giant2`);
+    heads 1536 -> 2048 -> 2048 -> bottleneck -> 131072 (DINO bottleneck 384, separate iBOT head
+    256: `dinov2/configs/train/vitg14.yaml` over `ssl_default_config.yaml`); iBOT head on the
+    step's static masked-token buffer."""
     d, depth, hidden, p, k, hh = 1536, 40, 4096, 14, 131072, 2048
 
     def backbone(px: int) -> float:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -16,14 +15,14 @@ from train_configs import ROOT, tiny_config
 from dinojax.ssl import step as ssl_step
 
 
-def test_train_step_benchmark_runs_and_reports_consistent_figures(tmp_path):
+def test_train_step_benchmark_runs_and_reports_consistent_figures(tmp_path, children):
     out = tmp_path / "train_step.jsonl"
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="2", TF_CPP_MIN_LOG_LEVEL="3")
     env.pop("XLA_FLAGS", None)
     cmd = [sys.executable, "bench/train_step.py", "--config", "tests/train/tiny_recipe.py:dinov2",
            "--config.mesh.shape=(1,-1)", "--steps", "2", "--warmup", "0", "--peak_flops", "1e12",
            "--out", str(out), "--label", "ci"]  # fmt: skip
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    res = children.run(cmd, cwd=ROOT, env=env, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert "img/s" in res.stdout and "MFU" in res.stdout, res.stdout
     (rec,) = [json.loads(line) for line in out.read_text().splitlines()]

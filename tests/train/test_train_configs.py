@@ -1,5 +1,6 @@
-"""Recipes carry the official values (official-dino.md §4.1), `smoke` shrinks without changing the
-code path, config arguments and the data / distributed set-up fail with clear messages."""
+"""Recipes carry the official values (facebookresearch/dinov2 `dinov2/configs/train/*.yaml` over
+`dinov2/configs/ssl_default_config.yaml`), `smoke` shrinks without changing the code path, config
+arguments and the data / distributed set-up fail with clear messages."""
 
 from __future__ import annotations
 
@@ -78,7 +79,8 @@ def _abstract_sizes(c) -> dict[str, int]:
 def test_official_values():
     d = recipe("dinov2")  # vitl16_short
     assert (d.model.overrides.patch_size, d.batch_size, total_steps(d)) == (16, 2048, 125000)
-    assert math.isclose(scaled_lr(d), 4e-3 * math.sqrt(2))  # 5.657e-3 (§4.1)
+    # sqrt_wrt_1024 scaling (`dinov2/utils/config.py` `apply_scaling_rules_to_cfg`): 5.657e-3
+    assert math.isclose(scaled_lr(d), 4e-3 * math.sqrt(2))
     g = recipe("dinov2_vitg14")
     s = StepSetup.from_config(g)
     assert s.vit.ffn_layer == "swiglu" and s.vit.embed_dim == 1536 and s.vit.depth == 40

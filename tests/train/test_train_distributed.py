@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -38,12 +37,6 @@ def _cmd(workdir: Path, *extra: str, recipe: str = RECIPE) -> list[str]:
     return [sys.executable, "train.py", "--config", recipe, "--workdir", str(workdir), *extra]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _losses(workdir: Path) -> dict[int, float]:
     out = {}
     for line in (workdir / "metrics.jsonl").read_text().splitlines():
@@ -53,11 +46,13 @@ def _losses(workdir: Path) -> dict[int, float]:
     return out
 
 
-def _spawn_two(workdir: Path, *extra: str, recipe: str = RECIPE) -> list[subprocess.Popen]:
-    """Two train.py processes (2 CPU devices each) joined by a coordinator on 127.0.0.1."""
-    port = _free_port()
+def _spawn_two(
+    children, port: int, workdir: Path, *extra: str, recipe: str = RECIPE
+) -> list[subprocess.Popen]:
+    """Two train.py processes (2 CPU devices each) joined by a coordinator on 127.0.0.1:`port`
+    (a `reserve_port()` port: held by the test, bound by process 0's coordinator)."""
     return [
-        subprocess.Popen(
+        children.popen(
             _cmd(
                 workdir,
                 f"--coordinator_address=127.0.0.1:{port}",
@@ -76,12 +71,12 @@ def _spawn_two(workdir: Path, *extra: str, recipe: str = RECIPE) -> list[subproc
     ]
 
 
-def _run_two_and_one(tmp_path: Path, recipe: str) -> tuple[Path, Path, list[str]]:
+def _run_two_and_one(
+    children, reserve_port, tmp_path: Path, recipe: str
+) -> tuple[Path, Path, list[str]]:
     single, multi = tmp_path / "single", tmp_path / "multi"
-    procs = _spawn_two(multi, recipe=recipe)
-    ref = subprocess.run(
-        _cmd(single, recipe=recipe), cwd=ROOT, env=_env(4), capture_output=True, text=True
-    )
+    procs = _spawn_two(children, reserve_port(), multi, recipe=recipe)
+    ref = children.run(_cmd(single, recipe=recipe), cwd=ROOT, env=_env(4), text=True, timeout=900)
     outs = [p.communicate(timeout=900)[0] for p in procs]
     assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
     for p, out in zip(procs, outs):
@@ -114,7 +109,7 @@ def _teacher(workdir: Path):
         pytest.param("tests/train/tiny_recipe.py:dino_vits16", marks=pytest.mark.slow),
     ],
 )
-def test_two_processes_equal_one(tmp_path, recipe):
+def test_two_processes_equal_one(tmp_path, recipe, children, reserve_port):
     """Same losses at every step and the same teacher after 8 steps, DINO v1 and DINOv2.
 
     DINOv2: the iBOT masks are drawn per official rank (loss.n_shards = 2 in the tiny recipes:
@@ -122,7 +117,7 @@ def test_two_processes_equal_one(tmp_path, recipe):
     global rank, so both runs mask the same patches; the process-blocked batch is reordered to
     crop-major inside the step.
     """
-    single, multi, _ = _run_two_and_one(tmp_path, recipe)
+    single, multi, _ = _run_two_and_one(children, reserve_port, tmp_path, recipe)
     # Measured: DINO v1 losses within 1.3e-7 relative (1 ulp: gloo sums across processes in
     # another order), teacher weights within 1e-8 after 8 steps; DINOv2 every loss term within
     # 1.8e-7 relative, teacher within 1.1e-8.
@@ -143,7 +138,10 @@ def test_two_processes_equal_one(tmp_path, recipe):
 
 
 @pytest.mark.slow
-def test_sigterm_on_one_host_checkpoints_every_host_and_resume_is_exact(tmp_path):
+@pytest.mark.timeout(1500)  # measured 308 s on 2 cores shared at load average 12-14
+def test_sigterm_on_one_host_checkpoints_every_host_and_resume_is_exact(
+    tmp_path, children, reserve_port
+):
     """Preemption of a multi-host run: SIGTERM reaches ONE process (as a spot-VM notice reaches
     one host first); JAX's preemption sync service makes both stop at the same step after a
     collective checkpoint, both exit 143, and the same command resumes and finishes with exactly
@@ -157,11 +155,11 @@ def test_sigterm_on_one_host_checkpoints_every_host_and_resume_is_exact(tmp_path
 
     steps = ["--config.optim.epochs=6"]  # 24 steps
     run, ref_dir = tmp_path / "preempted", tmp_path / "uninterrupted"
-    procs = _spawn_two(ref_dir, *steps, recipe=DINOV2)
+    procs = _spawn_two(children, reserve_port(), ref_dir, *steps, recipe=DINOV2)
     outs = [p.communicate(timeout=900)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outs]
 
-    procs = _spawn_two(run, *steps, recipe=DINOV2)
+    procs = _spawn_two(children, reserve_port(), run, *steps, recipe=DINOV2)
     deadline = time.monotonic() + 600
     while not ((run / "metrics.jsonl").exists() and len(_losses(run)) >= 3):
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
@@ -176,7 +174,7 @@ def test_sigterm_on_one_host_checkpoints_every_host_and_resume_is_exact(tmp_path
         saved.close()
     assert 3 <= last < 24 and f"SIGTERM: checkpoint {last} written" in outs[0], outs[0][-2000:]
 
-    procs = _spawn_two(run, *steps, recipe=DINOV2)
+    procs = _spawn_two(children, reserve_port(), run, *steps, recipe=DINOV2)
     outs = [p.communicate(timeout=900)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outs]
     assert "resumed from checkpoint" in outs[0]

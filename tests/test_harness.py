@@ -1,0 +1,55 @@
+"""The test harness itself: child processes die with their test, reserved ports stay reserved."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie still answers kill(0); it has exited all the same
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_children_kill_the_whole_process_group(tmp_path, children):
+    """A child that started a grandchild and then timed out: both are gone after `kill_all`."""
+    pidfile = tmp_path / "grandchild.pid"
+    code = (
+        "import subprocess, sys, time; "
+        "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+        f"open({str(pidfile)!r}, 'w').write(str(g.pid)); time.sleep(600)"
+    )
+    with pytest.raises(subprocess.TimeoutExpired):
+        children.run([sys.executable, "-c", code], timeout=5)
+    deadline = time.monotonic() + 30
+    while not pidfile.exists() or not pidfile.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    grandchild = int(pidfile.read_text())
+    assert _alive(grandchild)
+    children.kill_all()  # what the fixture does when a test ends
+    deadline = time.monotonic() + 30
+    while _alive(grandchild):
+        assert time.monotonic() < deadline, "the grandchild survived its test"
+        time.sleep(0.05)
+
+
+def test_reserved_port_refuses_other_binds(reserve_port):
+    port = reserve_port()
+    with socket.socket() as s, pytest.raises(OSError):
+        s.bind(("127.0.0.1", port))
+    with socket.socket() as s:  # the kernel's own choice avoids it too
+        s.bind(("127.0.0.1", 0))
+        assert s.getsockname()[1] != port
