@@ -36,7 +36,8 @@ TOL = 1e-6
 
 
 def _official_module(name: str):
-    # dinov2.data's __init__ imports torchvision (not installable beside torch 2.13): load the file.
+    # dinov2.data's __init__ imports torchvision and more of the training stack than these modules
+    # need: load the one file.
     path = Path(dinov2.__file__).parent / "data" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"_official_{name}", path)
     mod = importlib.util.module_from_spec(spec)
