@@ -13,7 +13,6 @@ import http.server
 import io
 import os
 import re
-import socket
 import subprocess
 import sys
 import textwrap
@@ -469,12 +468,12 @@ def _env(cache: Path, server: Server) -> dict:
     return e
 
 
-def test_two_processes_loading_at_once_download_and_convert_once(server, tiny, tmp_path):
+def test_two_processes_loading_at_once_download_and_convert_once(server, tiny, tmp_path, children):
     server.routes["/" + TINY] = {"chunk_s": 0.03}  # ~1.5 s: both processes are in flight
     env = _env(tmp_path / "cache", server)
     code = _LOADER.format(tiny=TINY)
     procs = [
-        subprocess.Popen(
+        children.popen(
             [sys.executable, "-c", code],
             env=env,
             cwd=ROOT,
@@ -484,11 +483,7 @@ def test_two_processes_loading_at_once_download_and_convert_once(server, tiny, t
         )  # fmt: skip
         for _ in range(2)
     ]
-    try:
-        outs = [p.communicate(timeout=180) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
+    outs = [p.communicate(timeout=180) for p in procs]  # the fixture kills them on any failure
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
         assert f"DIGEST {_digest(tiny['sd'])}" in out
@@ -516,16 +511,14 @@ print("OK", jax.process_index())
 
 
 @pytest.mark.slow
-def test_multihost_one_download_per_filesystem(server, tiny, tmp_path):
+def test_multihost_one_download_per_filesystem(server, tiny, tmp_path, children, reserve_port):
     server.files["/test/tiny2_pretrain.pth"] = tiny["bytes"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = reserve_port()  # held until the test ends: no other process can take it meanwhile
     env = _env(tmp_path / "shared", server)
     env["JAX_NUM_CPU_DEVICES"] = "1"
     code = textwrap.dedent(_WORKER.format(tiny=TINY))
     procs = [
-        subprocess.Popen(
+        children.popen(
             [sys.executable, "-c", code, str(port), str(i), str(tmp_path / f"host{i}")],
             env=env,
             cwd=ROOT,
@@ -535,11 +528,7 @@ def test_multihost_one_download_per_filesystem(server, tiny, tmp_path):
         )  # fmt: skip
         for i in range(2)
     ]
-    try:
-        outs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
+    outs = [p.communicate(timeout=300)[0] for p in procs]
     for i, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == 0 and f"OK {i}" in out, out[-3000:]
     assert server.gets("/" + TINY) == [None]  # shared cache: one process of the job
