@@ -26,6 +26,7 @@ from reference import (
     official_hub_kwargs,
     official_hub_vit,
 )
+from test_vit_build import OFFICIAL_PARAMS
 
 from dinojax.models.config import ARCHITECTURES, ViTConfig
 
@@ -96,8 +97,10 @@ def official_facts(name: str) -> dict:
     """The architecture of hub model `name`, read from the official module (not from dinojax)."""
     family, size, reg, patch = _hub_size(name)
     model = official_hub_vit(name, depth=BUILD_DEPTH, randomize=False)
+    total = sum(p.numel() for p in model.parameters())
     if reg:
         layers = model.encoder.layer
+        per_block = sum(p.numel() for p in layers[0].parameters())
         emb = model.embeddings
         attn = [blk.attention for blk in layers]
         mlp = layers[0].mlp
@@ -124,6 +127,7 @@ def official_facts(name: str) -> dict:
         )
     else:
         blocks = list(model.blocks)
+        per_block = sum(p.numel() for p in blocks[0].parameters())
         attn = [blk.attn for blk in blocks]
         mlp = blocks[0].mlp
         swiglu = hasattr(mlp, "w12")
@@ -160,6 +164,10 @@ def official_facts(name: str) -> dict:
             assert facts["interpolate_antialias"] == DINO_V1_COMMON["interpolate_antialias"]
     if family == "dinov2" and not reg:
         assert {k: facts[k] for k in HUB_INTERPOLATION[False]} == HUB_INTERPOLATION[False]
+    # The full model's parameter count, from the 2-block build: + (depth - 2) blocks, minus the
+    # mask token the v2 class carries and v1 has not.
+    no_mask = 0 if facts["mask_token"] else model.mask_token.numel()
+    facts["num_params"] = total + (facts["depth"] - BUILD_DEPTH) * per_block - no_mask
     return facts
 
 
@@ -220,6 +228,13 @@ def test_config_matches_the_official_module(facts, name):
     f = facts(name)
     assert len(f["norms"]) == 2 * BUILD_DEPTH + 1  # every LayerNorm was read
     assert not mismatches(cfg, f), (name, mismatches(cfg, f))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_official_parameter_counts_are_the_official_modules(facts, name):
+    """`OFFICIAL_PARAMS` (which test_vit_build checks dinojax against) counted on the official
+    modules."""
+    assert facts(name)["num_params"] == OFFICIAL_PARAMS[name]
 
 
 # One plausible mistake per checked field; each must be reported.
