@@ -22,11 +22,10 @@ get_last_self_attention: everything the pos-embed interpolation and the (h, w) g
 The reference calls each official method at 224x224 for S/14, S/16 (and L/g at 2 blocks);
 otherwise it derives the same outputs from ONE official get_intermediate_layers pass
 (`reference.torch_outputs(api=False)`; `test_reference_derivation_equals_official_api` pins the
-two together). The cases whose token count makes them expensive on CPU (patch 8 at 518x518,
-420x294 and 224x308 for ViT-B/8; ViT-B at 518x518, ViT-B/14 at 420x294) run under `-m slow`;
-the default suite keeps a full-depth 518x518 case per family (dinov2_vits14, dinov2_vits14_reg,
-dino_vits16), every architecture at 224x224 and all but ViT-B/8 at 224x308, plus one size that
-ENLARGES the pos-embed grid per interpolation path (`ENLARGED`).
+two together). The one case whose token count makes it expensive on CPU (ViT-B/8 at 518x518,
+`SLOW`) runs under `-m slow`, its patch-8 518x518 path being covered by ViT-S/8; the default suite
+runs every other (arch, size), including the sizes that ENLARGE the pos-embed grid, one per
+interpolation path (`ENLARGED`).
 
 Also here: the public API semantics on a small model (get_intermediate_layers block order,
 `model(x)` = the official `forward`) and `interpolate_pos_encoding` alone against the official
