@@ -1,10 +1,21 @@
-"""The PyTorch references the parity tests compare against (official-dino.md §7).
+"""The PyTorch references the parity tests compare against.
 
-- non-register DINOv2 backbones: the official code, PyPI `dinov2==0.0.1.dev2` (--no-deps);
-- register backbones: Hugging Face `Dinov2WithRegistersModel` (size-path, antialiased pos-embed
-  interpolation, like the official register models);
-- DINO v1: the official v2 building blocks with v1 settings (no LayerScale, patch 16/8, offset
-  0.1 interpolation), state dict without `mask_token` -- the v1 hub key set.
+- non-register DINOv2 backbones: the official constructors `vit_small` / `vit_base` / `vit_large`
+  / `vit_giant2` of the official code (PyPI `dinov2==0.0.1.dev2`, --no-deps), called with the
+  torch-hub keyword arguments (`HUB_KWARGS`, facebookresearch/dinov2 `dinov2/hub/backbones.py`
+  `_make_dinov2_model`);
+- register backbones: Hugging Face `Dinov2WithRegistersModel` built from the values of the
+  published configs (`HF_REGISTER_CONFIGS`, facebook/dinov2-with-registers-* on the HF hub;
+  size-path, antialiased pos-embed interpolation, like the official register models);
+- DINO v1: the official v2 building blocks with the official v1 values written out here
+  (`DINO_V1`, facebookresearch/dino `vision_transformer.py` `vit_small` / `vit_base`), state dict
+  without `mask_token` -- the v1 hub key set.
+
+None of these reads `dinojax.models.config`: a wrong value there cannot be copied into the
+reference. The only override is `depth`, a test choice (ViT-L and ViT-g run at full width with 2
+blocks on CPU), never an architecture fact. `official_vit(cfg)` builds from a `ViTConfig` for the
+custom (narrow, shallow) architectures the converter and training tests use;
+`tests/models/test_config_official.py` pins every hub `ViTConfig` to the official modules.
 
 Weights are randomised everywhere (LayerScale, pos-embed, tokens and norms included), so a
 converter or forward bug cannot hide behind an init value.
@@ -23,6 +34,7 @@ import torch
 logging.getLogger("dinov2").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message="xFormers not available")
 
+import dinov2.models.vision_transformer as official_vt  # noqa: E402
 from dinov2.layers import MemEffAttention  # noqa: E402
 from dinov2.layers import NestedTensorBlock as Block  # noqa: E402
 from dinov2.models.vision_transformer import DinoVisionTransformer as OfficialViT  # noqa: E402
@@ -50,9 +62,156 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> None:
                 p.copy_(r / np.sqrt(fan_in))
 
 
+# facebookresearch/dinov2 `dinov2/hub/backbones.py`: each `dinov2_vit*14[_reg]` calls
+# `_make_dinov2_model(arch_name=..., [ffn_layer="swiglufused" for g], [pretrained])` whose defaults
+# are img_size=518, patch_size=14, init_values=1.0, ffn_layer="mlp", block_chunks=0,
+# num_register_tokens=0, interpolate_antialias=False, interpolate_offset=0.1; the `_reg` entries
+# pass num_register_tokens=4, interpolate_antialias=True, interpolate_offset=0.0.
+HUB_CONSTRUCTORS = {"s": "vit_small", "b": "vit_base", "l": "vit_large", "g": "vit_giant2"}
+HUB_KWARGS = dict(img_size=518, patch_size=14, init_values=1.0, block_chunks=0)
+HUB_FFN = {"s": "mlp", "b": "mlp", "l": "mlp", "g": "swiglufused"}
+# The hub values the PyPI snapshot (2023-04) has no keyword for: it hard-codes the offset 0.1,
+# no-antialias scale-factor interpolation (`interpolate_pos_encoding`) and has no registers.
+HUB_INTERPOLATION = {False: dict(interpolate_offset=0.1, interpolate_antialias=False),
+                     True: dict(interpolate_offset=0.0, interpolate_antialias=True)}  # fmt: skip
+
+# facebookresearch/dino `vision_transformer.py`: `vit_small(patch_size)` = VisionTransformer(
+# embed_dim=384, depth=12, num_heads=6, mlp_ratio=4, qkv_bias=True,
+# norm_layer=partial(nn.LayerNorm, eps=1e-6)); `vit_base` the same with 768 / 12 / 12;
+# `VisionTransformer` defaults img_size=[224]; its blocks have no LayerScale and its
+# `interpolate_pos_encoding` uses the scale-factor path with +0.1 and no antialias; the model has
+# no mask token. The hub entries `dino_vit{s,b}{16,8}` set patch_size 16 or 8.
+DINO_V1 = {
+    "s": dict(embed_dim=384, depth=12, num_heads=6),
+    "b": dict(embed_dim=768, depth=12, num_heads=12),
+}
+DINO_V1_COMMON = dict(img_size=224, mlp_ratio=4, qkv_bias=True, layernorm_eps=1e-6,
+                      init_values=None, interpolate_offset=0.1, interpolate_antialias=False,
+                      mask_token=False)  # fmt: skip
+
+# The published Hugging Face configs (config.json of facebook/dinov2-with-registers-small, -base,
+# -large, -giant): every one has image_size 518, patch_size 14, mlp_ratio 4,
+# layer_norm_eps 1e-6, layerscale_value 1.0, num_register_tokens 4, qkv_bias true,
+# hidden_act "gelu"; the sizes below; use_swiglu_ffn true for giant only.
+HF_REGISTER_COMMON = dict(image_size=518, patch_size=14, mlp_ratio=4, layer_norm_eps=1e-6,
+                          layerscale_value=1.0, num_register_tokens=4, qkv_bias=True,
+                          hidden_act="gelu")  # fmt: skip
+HF_REGISTER_CONFIGS = {
+    "s": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, use_swiglu_ffn=False),
+    "b": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, use_swiglu_ffn=False),
+    "l": dict(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, use_swiglu_ffn=False
+    ),  # fmt: skip
+    "g": dict(
+        hidden_size=1536, num_hidden_layers=40, num_attention_heads=24, use_swiglu_ffn=True
+    ),  # fmt: skip
+}
+
+
+def _hub_size(name: str) -> tuple[str, str, bool, int]:
+    """'dinov2_vitl14_reg' -> ('dinov2', 'l', True, 14); 'dino_vitb8' -> ('dino', 'b', False, 8)."""
+    family, rest = name.split("_vit", 1)
+    reg = rest.endswith(("_reg", "_reg4"))
+    rest = rest.split("_")[0]
+    if family not in ("dinov2", "dino") or rest[0] not in "sblg" or not rest[1:].isdigit():
+        raise ValueError(f"not an official hub name: {name!r}")
+    return family, rest[0], reg, int(rest[1:])
+
+
+def official_hub_vit(
+    name: str, seed: int = 0, depth: int | None = None, *, randomize: bool = True
+) -> torch.nn.Module:
+    """The official backbone `name` (hub spelling), built from official values only: the PyPI
+    constructor with the hub kwargs (v2), the v1 values above (v1) or the published HF config
+    (registers). `depth` overrides the block count (a test choice: full width, fewer blocks)."""
+    family, size, reg, patch = _hub_size(name)
+    if reg:
+        return hf_register_hub_vit(name, seed, depth, randomize=randomize)
+    if family == "dino":
+        v1 = {**DINO_V1[size], **({"depth": depth} if depth else {})}
+        kw = dict(img_size=DINO_V1_COMMON["img_size"], patch_size=patch,
+                  mlp_ratio=DINO_V1_COMMON["mlp_ratio"], qkv_bias=DINO_V1_COMMON["qkv_bias"],
+                  init_values=DINO_V1_COMMON["init_values"], block_chunks=0,
+                  block_fn=partial(Block, attn_class=MemEffAttention), **v1)  # fmt: skip
+        with mock.patch.object(OfficialViT, "init_weights", lambda self: None):
+            m = OfficialViT(**kw)
+        # The v2 class hard-codes LayerNorm eps 1e-6, v1's own value (checked, not assumed).
+        assert all(n.eps == DINO_V1_COMMON["layernorm_eps"] for n in _layer_norms(m))
+    else:
+        m = _build_official_v2(size, depth)
+    if randomize:
+        randomize_(m, seed)
+    return m.eval()
+
+
+def _build_official_v2(size: str, depth: int | None) -> torch.nn.Module:
+    # The constructors pass depth themselves: wrap the class so only `depth` changes and every
+    # other value comes from the official constructor.
+    def make(**kw):
+        if depth is not None:
+            kw["depth"] = depth
+        return OfficialViT(**kw)
+
+    ctor = getattr(official_vt, HUB_CONSTRUCTORS[size])
+    with (
+        mock.patch.object(OfficialViT, "init_weights", lambda self: None),
+        mock.patch.object(official_vt, "DinoVisionTransformer", make),
+    ):
+        return ctor(**HUB_KWARGS, ffn_layer=HUB_FFN[size])
+
+
+def official_hub_kwargs(name: str) -> dict:
+    """The keyword arguments the official constructor of `name` passes to DinoVisionTransformer
+    (recorded, not rebuilt): depth, heads, widths, init_values, ffn_layer, ..."""
+    family, size, reg, patch = _hub_size(name)
+    assert family == "dinov2"
+    seen = {}
+
+    def record(**kw):
+        seen.update(kw)
+        raise _Recorded
+
+    ctor = getattr(official_vt, HUB_CONSTRUCTORS[size])
+    with mock.patch.object(official_vt, "DinoVisionTransformer", record):
+        try:
+            ctor(**HUB_KWARGS, ffn_layer=HUB_FFN[size])
+        except _Recorded:
+            pass
+    return seen
+
+
+class _Recorded(Exception):
+    pass
+
+
+def hf_register_hub_vit(
+    name: str, seed: int = 0, depth: int | None = None, *, randomize: bool = True
+) -> torch.nn.Module:
+    """Hugging Face `Dinov2WithRegistersModel` with the published config of `name`'s size."""
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    family, size, reg, patch = _hub_size(name)
+    assert family == "dinov2" and reg and patch == HF_REGISTER_COMMON["patch_size"]
+    values = {**HF_REGISTER_COMMON, **HF_REGISTER_CONFIGS[size]}
+    if depth is not None:
+        values["num_hidden_layers"] = depth
+    m = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**values))
+    m.set_attn_implementation("eager")
+    if randomize:
+        randomize_(m, seed)
+    return m.eval()
+
+
+def _layer_norms(m: torch.nn.Module) -> list[torch.nn.LayerNorm]:
+    return [x for x in m.modules() if isinstance(x, torch.nn.LayerNorm)]
+
+
 def official_vit(cfg: ViTConfig, seed: int = 0, block_chunks: int = 0) -> torch.nn.Module:
     """Official DinoVisionTransformer (PyPI code) for a non-register config; hub key names, or
-    the chunked `blocks.{c}.{i}` names of training checkpoints with `block_chunks` > 0."""
+    the chunked `blocks.{c}.{i}` names of training checkpoints with `block_chunks` > 0.
+
+    The architecture comes from `cfg` (custom test architectures); the parity suite builds the
+    hub architectures with `official_hub_vit`, which takes nothing from `ViTConfig`."""
     assert cfg.num_register_tokens == 0
     # Every parameter is overwritten by randomize_: skip the official init (trunc_normal over
     # ~100M values costs seconds per model on a CI core).
@@ -72,7 +231,7 @@ def _official_vit(cfg: ViTConfig, block_chunks: int) -> torch.nn.Module:
         mlp_ratio=cfg.mlp_ratio,
         init_values=cfg.layerscale_init,
         ffn_layer="swiglufused" if cfg.ffn_layer == "swiglu" else "mlp",
-        block_chunks=block_chunks,  # 0: hub key names (§1.1: the class default chunks)
+        block_chunks=block_chunks,  # 0: hub key names (the class default, 1, chunks)
         block_fn=partial(Block, attn_class=MemEffAttention),
     )
 
@@ -80,11 +239,14 @@ def _official_vit(cfg: ViTConfig, block_chunks: int) -> torch.nn.Module:
 def official_state_dict(model: torch.nn.Module, cfg: ViTConfig) -> dict[str, torch.Tensor]:
     sd = dict(model.state_dict())
     if cfg.family == "dino":
-        sd.pop("mask_token")  # DINO v1 has no mask token (official-dino.md §1.4)
+        sd.pop(
+            "mask_token"
+        )  # DINO v1 has no mask token (facebookresearch/dino `vision_transformer.py`)
     return sd
 
 
 def hf_register_vit(cfg: ViTConfig, seed: int = 0) -> torch.nn.Module:
+    """HF register model for a `ViTConfig` (custom architectures; hub ones: hf_register_hub_vit)."""
     from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
     hf_cfg = Dinov2WithRegistersConfig(
@@ -119,8 +281,9 @@ def torch_outputs(
     `api=True` calls each official method (forward_features, get_intermediate_layers twice, the
     blocks for the attention map): 4 forward passes. `api=False` runs ONE official
     get_intermediate_layers pass returning every block's raw output and derives the rest with the
-    model's own final norm and last attention block (official-dino.md §1.5: the final norm is
-    per-token, so norm(block output) is what forward_features / norm=True return); with masks,
+    model's own final norm and last attention block (the final LayerNorm is per-token, so
+    norm(block output) is what the official forward_features / get_intermediate_layers(norm=True)
+    return); with masks,
     forward_features is the official masked pass (a second pass).
     The HF register reference always needs a single call.
     """

@@ -17,7 +17,9 @@ REMAT_POLICIES = ("none", "full", "dots", "qkv_attn", "qkv_attn_mlp")
 
 @dataclass(frozen=True)
 class ViTConfig:
-    """Hyper-parameters of a `DinoVisionTransformer` (official-dino.md §1.1-1.3)."""
+    """Hyper-parameters of a `DinoVisionTransformer` (facebookresearch/dinov2
+    `dinov2/models/vision_transformer.py` `DinoVisionTransformer.__init__`); the hub values are
+    pinned to the official modules by `tests/models/test_config_official.py`."""
 
     name: str = "custom"
     family: str = "dinov2"  # "dinov2" or "dino" (v1): v1 has no mask token and floors the grid
@@ -32,8 +34,10 @@ class ViTConfig:
     num_register_tokens: int = 0
     # None disables LayerScale (DINO v1). Hub v2 models use 1.0, training recipes 1e-5.
     layerscale_init: float | None = 1.0
-    # official-dino.md §1.6: non-register models use the scale-factor path with +0.1 and no
-    # antialias; register models use the size path (offset 0) with antialias.
+    # facebookresearch/dinov2 `dinov2/hub/backbones.py` `_make_dinov2_model` (and DINO v1's
+    # `vision_transformer.py` `interpolate_pos_encoding`): non-register models use the
+    # scale-factor path with +0.1 and no antialias; register models use the size path (offset 0)
+    # with antialias.
     interpolate_offset: float = 0.1
     interpolate_antialias: bool = False
     qkv_bias: bool = True
@@ -90,7 +94,8 @@ class ViTConfig:
     def ffn_hidden_dim(self) -> int:
         hidden = int(self.embed_dim * self.mlp_ratio)
         if self.ffn_layer == "swiglu":
-            # official-dino.md §1.2: SwiGLUFFNFused rounds 2/3 of the hidden size up to 8.
+            # facebookresearch/dinov2 `dinov2/layers/swiglu_ffn.py` `SwiGLUFFNFused`: 2/3 of the
+            # hidden size, rounded up to a multiple of 8.
             hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
         return hidden
 
@@ -145,8 +150,9 @@ def _v1(size: str, patch: int) -> ViTConfig:
         num_heads=heads,
         img_size=224,
         layerscale_init=None,
-        # official-dino.md §1.7: DINO v1 uses the stochastic depth decay rule,
-        # linspace(0, drop_path_rate, depth); v2 training recipes use the same rate everywhere.
+        # facebookresearch/dino `vision_transformer.py` `VisionTransformer.__init__`: v1 uses the
+        # stochastic depth decay rule, linspace(0, drop_path_rate, depth); v2 training recipes
+        # use the same rate everywhere.
         drop_path_uniform=False,
     )
 

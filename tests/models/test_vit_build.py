@@ -1,6 +1,7 @@
 """Backbone construction and training-time semantics: official parameter counts (no allocation),
-config overrides, remat policies (same outputs and gradients) and drop path (official-dino.md
-§1.2, §1.3, §1.7)."""
+config overrides, remat policies (same outputs and gradients) and drop path (facebookresearch/dinov2
+`dinov2/models/vision_transformer.py` and `dinov2/layers/block.py`; facebookresearch/dino
+`vision_transformer.py`)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ from dinojax.models.vit import (
     layer_norm,
 )
 
-# official-dino.md §1.2 (hub, verified) and §1.3 (v1, from shapes); reg = + 4 * D.
+# The parameter counts of the official modules: `test_config_official.py` recounts them on the
+# official constructors (v2), the v1 values of facebookresearch/dino and the HF register configs;
+# reg = + 4 * D (the register tokens).
 OFFICIAL_PARAMS = {
     "dinov2_vits14": 22_056_576,
     "dinov2_vitb14": 86_580_480,
@@ -93,7 +96,8 @@ def test_overrides():
 
 @pytest.mark.parametrize("name", ["dino_vits16", "dino_vits8", "dino_vitb16", "dino_vitb8"])
 def test_dino_v1_uses_the_stochastic_depth_decay_rule(name):
-    """DINO v1 (§1.7): `dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]`;
+    """DINO v1 (facebookresearch/dino `vision_transformer.py` `VisionTransformer`):
+    `dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]`;
     DINOv2 hub configs keep one rate everywhere (the recipes' drop_path_uniform: true)."""
     import torch
 
@@ -257,7 +261,9 @@ def test_block_dispatches_the_official_drop_path(family, rate, subset):
 
         return f
 
-    # v2: batch-subset above 0.1, per-sample otherwise; v1: always per-sample (§1.7).
+    # v2: batch-subset above 0.1, per-sample otherwise (facebookresearch/dinov2
+    # `dinov2/layers/block.py` `Block.forward`); v1: always per-sample (facebookresearch/dino
+    # `vision_transformer.py` `drop_path`).
     @jax.jit
     def manual(x, key):
         k1, k2 = jax.random.split(key)
@@ -286,8 +292,9 @@ def test_eval_mode_is_identity_for_drop_path():
 @pytest.mark.parametrize("n", [257, 1 + 4 + 256])
 def test_padded_fused_attention_equals_plain_attention(n, dtype, tol):
     """The cuDNN path pads the token axis to a multiple of 8 and passes the true lengths
-    (jax-ecosystem.md pitfall 15). Run that same padding + lengths logic through
-    `jax.nn.dot_product_attention(implementation="xla")` (no GPU here): it must equal plain
+    (cuDNN's fused attention rejects odd token counts such as 257 in training). Run that same
+    padding + lengths logic through `jax.nn.dot_product_attention(implementation="xla")` (no GPU
+    here): it must equal plain
     attention. Measured max abs diff: <= 1.2e-7 in float32, <= 1e-3 in bfloat16. The keys are
     shifted so real logits average -2: ignoring the lengths (padded zero keys get logit 0) moves
     the output by >= 0.078, far above the tolerances."""
