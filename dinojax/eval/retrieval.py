@@ -56,7 +56,7 @@ import logging
 import math
 import os
 import pickle
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -484,7 +484,9 @@ def extract_retrieval_features(
                         x = np.zeros((gb, *shape), np.float32)
                         for r, j in enumerate(part):
                             x[r] = loaded[j][0]
-                        xg = jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+                        xg = jax.make_array_from_callback(
+                            x.shape, sharding, lambda idx, x=x: x[idx]
+                        )
                         feat = _to_host(_forward(graphdef, features, state, xg))["feat"]
                         if out is None:
                             out = np.zeros((n, feat.shape[1]), np.float32)
@@ -690,16 +692,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="folder holding DATASET/gnd_DATASET.pkl and DATASET/jpg/")  # fmt: skip
     g.add_argument("--crop-queries", action="store_true", help="crop queries to their bbx")
     u = p.add_argument_group("your own images")
-    u.add_argument("--queries", nargs="+", default=None,
-                   help="query image files, or one source: folder:DIR, tfds:NAME:SPLIT, digits")  # fmt: skip
+    u.add_argument(
+        "--queries", nargs="+", default=None,
+        help="query image files, or one source: folder:DIR, tfds:NAME:SPLIT, digits",
+    )  # fmt: skip
     u.add_argument("--gallery", default=None, help="gallery source (folder:DIR, tfds:..., digits)")
     u.add_argument("--data-dir", default=None, help="TFDS data_dir")
     u.add_argument("--topk", type=int, default=10)
     u.add_argument("--out", default=None, help="output folder (retrieval.json, sheets/)")
     u.add_argument("--no-sheets", action="store_true", help="skip the contact-sheet PNGs")
     f = p.add_argument_group("features")
-    f.add_argument("--imsize", type=int, default=224,
-                   help="longest side of the thumbnail (224 or 512 published; 0: keep)")  # fmt: skip
+    f.add_argument(
+        "--imsize", type=int, default=224,
+        help="longest side of the thumbnail (224 or 512 published; 0: keep)",
+    )  # fmt: skip
     f.add_argument("--pooling", choices=POOLINGS, default="cls")
     f.add_argument("--gem-p", type=float, default=3.0)
     f.add_argument("--multiscale", action="store_true", help="mean over scales 1, 1/sqrt2, 1/2")
