@@ -204,17 +204,18 @@ def _neighbourhood(h: int, w: int, radius: int, rows) -> jax.Array:
     return (near_y & (jnp.abs(tx[:, None] - xs[None]) <= radius)).astype(jnp.float32)
 
 
-def propagate_labels(
-    target, sources, source_labels, valid, *, h: int, w: int, topk: int, temperature: float,
-    radius: int, chunk: int = 1024,
+def _propagate_rows(
+    target, rows, sources, source_labels, valid, *, h: int, w: int, topk: int,
+    temperature: float, radius: int, chunk: int,
 ):  # fmt: skip
-    """Soft labels (h*w, C) of `target` (h*w, D) from `sources` (n, h*w, D) with labels
-    (n, h*w, C); `valid` (n,) masks unused queue slots. DINO's `label_propagation`."""
+    """Soft labels of the target patches `rows` (their features `target`, (m, D))."""
     n, hw, _ = sources.shape
-    c = max(1, min(chunk, hw))
-    n_chunks = -(-hw // c)
-    rows = jnp.arange(n_chunks * c).reshape(n_chunks, c)
-    tgt = jnp.pad(target, ((0, n_chunks * c - hw), (0, 0))).reshape(n_chunks, c, -1)
+    m = target.shape[0]
+    c = max(1, min(chunk, m))
+    n_chunks = -(-m // c)
+    pad = n_chunks * c - m
+    tgt = jnp.pad(target, ((0, pad), (0, 0))).reshape(n_chunks, c, -1)
+    rws = jnp.pad(rows, (0, pad)).reshape(n_chunks, c)
     labels = source_labels.reshape(n * hw, -1)
 
     def one(args):
@@ -222,16 +223,27 @@ def propagate_labels(
         sims = jnp.einsum("cd,nsd->cns", t, sources, precision="highest")
         aff = jnp.exp(sims / temperature) * valid[None, :, None].astype(jnp.float32)
         if radius > 0:
-            aff = aff * _neighbourhood(h, w, radius, jnp.minimum(r, hw - 1))[:, None, :]
+            aff = aff * _neighbourhood(h, w, radius, jnp.clip(r, 0, hw - 1))[:, None, :]
         aff = aff.reshape(c, n * hw)
-        k = min(topk, n * hw)
-        kth = jax.lax.top_k(aff, k)[0][:, -1:]
+        kth = jax.lax.top_k(aff, min(topk, n * hw))[0][:, -1:]
         aff = jnp.where(aff < kth, 0.0, aff)  # every value tied with the k-th is kept
         aff = aff / jnp.sum(aff, axis=1, keepdims=True)
         return jnp.einsum("cs,sl->cl", aff, labels, precision="highest")
 
-    out = jax.lax.map(one, (tgt, rows))
-    return out.reshape(n_chunks * c, -1)[:hw]
+    out = jax.lax.map(one, (tgt, rws))
+    return out.reshape(n_chunks * c, -1)[:m]
+
+
+def propagate_labels(
+    target, sources, source_labels, valid, *, h: int, w: int, topk: int, temperature: float,
+    radius: int, chunk: int = 1024,
+):  # fmt: skip
+    """Soft labels (h*w, C) of `target` (h*w, D) from `sources` (n, h*w, D) with labels
+    (n, h*w, C); `valid` (n,) masks unused queue slots. DINO's `label_propagation`."""
+    return _propagate_rows(
+        target, jnp.arange(target.shape[0]), sources, source_labels, valid, h=h, w=w,
+        topk=topk, temperature=temperature, radius=radius, chunk=chunk,
+    )  # fmt: skip
 
 
 def _labels_from_soft(soft, h: int, w: int, patch: int):
@@ -250,22 +262,39 @@ def _labels_from_soft(soft, h: int, w: int, patch: int):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("h", "w", "patch", "topk", "temperature", "radius", "chunk"),
+    jax.jit,
+    static_argnames=("mesh", "h", "w", "patch", "topk", "temperature", "radius", "chunk"),
     donate_argnums=(0,),
-)  # fmt: skip
-def _step(state, target, *, h, w, patch, topk, temperature, radius, chunk):
+)
+def _step(state, target, *, mesh, h, w, patch, topk, temperature, radius, chunk):
+    """One frame: its soft labels (target patches sharded over the mesh, the queue replicated),
+    the queue update, and the frame's label map."""
     feats, segs, valid, slot = state  # slot 0: the first frame; 1..n_last: ring buffer
-    soft = propagate_labels(
-        target, feats, segs, valid, h=h, w=w, topk=topk, temperature=temperature,
-        radius=radius, chunk=chunk,
-    )  # fmt: skip
+    hw = h * w
+    axes = tuple(mesh.axis_names)
+    shards = math.prod(mesh.shape[a] for a in axes)
+    padded = -(-hw // shards) * shards
+    spec, rep = PartitionSpec(axes), PartitionSpec()
+
+    def local(t, r, f, s, v):
+        return _propagate_rows(
+            t, r, f, s, v, h=h, w=w, topk=topk, temperature=temperature, radius=radius,
+            chunk=chunk,
+        )  # fmt: skip
+
+    soft = jax.shard_map(
+        local, mesh=mesh, in_specs=(spec, spec, rep, rep, rep), out_specs=spec, check_vma=False
+    )(jnp.pad(target, ((0, padded - hw), (0, 0))), jnp.arange(padded), feats, segs, valid)
+    soft = soft[:hw]
     n_slots = feats.shape[0]
     if n_slots > 1:
         feats = feats.at[slot].set(target)
         segs = segs.at[slot].set(soft)
         valid = valid.at[slot].set(True)
         slot = jnp.where(slot + 1 >= n_slots, 1, slot + 1)
-    return (feats, segs, valid, slot), _labels_from_soft(soft, h, w, patch)
+    # The queue stays replicated, so every call sees the same input layout (one compilation).
+    state = jax.lax.with_sharding_constraint((feats, segs, valid, slot), NamedSharding(mesh, rep))
+    return state, _labels_from_soft(soft, h, w, patch)
 
 
 def _frame_files(folder: Path) -> list[Path]:
@@ -319,8 +348,8 @@ def propagate_video(
     params = _place_state(params, mesh)
     fn = _FramePatches()
     step = functools.partial(
-        _step, h=h, w=w, patch=p, topk=config.topk, temperature=float(config.temperature),
-        radius=config.size_mask_neighborhood, chunk=chunk,
+        _step, mesh=mesh, h=h, w=w, patch=p, topk=config.topk,
+        temperature=float(config.temperature), radius=config.size_mask_neighborhood, chunk=chunk,
     )  # fmt: skip
 
     def embed(batch: list) -> np.ndarray:

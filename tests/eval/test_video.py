@@ -125,6 +125,36 @@ def test_propagation_matches_dino_steps(radius, chunk):
     np.testing.assert_allclose(np.asarray(got), ref, atol=2e-6)  # 2.4e-7 measured
 
 
+def test_sharded_step_equals_single_device():
+    """The propagation step with target patches sharded over 8 devices (30 patches: padded to
+    32) gives the single-device queue and labels."""
+    import jax
+    from jax.sharding import AxisType
+
+    rng = np.random.default_rng(2)
+    h, w, d, c, slots = 5, 6, 8, 3, 4
+    unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # noqa: E731
+    feats = unit(rng.normal(size=(slots, h * w, d))).astype(np.float32)
+    segs = rng.dirichlet(np.ones(c), size=(slots, h * w)).astype(np.float32)
+    valid = np.array([True, True, True, False])
+    target = unit(rng.normal(size=(h * w, d))).astype(np.float32)
+    auto = (AxisType.Auto,)
+    outs = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh = jax.make_mesh((len(devices),), ("data",), axis_types=auto, devices=devices)
+        state = (feats.copy(), segs.copy(), valid.copy(), np.int32(3))
+        state, labels = V._step(
+            state, target, mesh=mesh, h=h, w=w, patch=4, topk=5, temperature=0.1, radius=2,
+            chunk=3,
+        )  # fmt: skip
+        outs.append(jax.tree.map(np.asarray, (state, labels)))
+    (s1, l1), (s8, l8) = outs
+    np.testing.assert_array_equal(l1, l8)
+    np.testing.assert_allclose(s1[1], s8[1], atol=1e-7)
+    assert s8[2].all() and int(s8[3]) == 1  # slot 3 filled, the ring wraps to slot 1
+    np.testing.assert_array_equal(s8[0][3], target)
+
+
 def test_labels_from_soft_match_torch_upsampling():
     import torch
 
