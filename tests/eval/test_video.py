@@ -251,6 +251,26 @@ def test_propagation_follows_moving_objects(tiny_v1, tmp_path):
     assert Image.open(pngs[3]).getpalette()[:9] == V.davis_palette()[:9]
     gif = Image.open(out / "frames.gif")
     assert gif.n_frames == 8
+    # The DAVIS layout: JPEGImages/480p/<video>/*.jpg, Annotations/480p/<video>/*.png and the
+    # ImageSets/2017/val.txt listing.
+    root = tmp_path / "davis"
+    (root / "JPEGImages" / "480p" / "synth").mkdir(parents=True)
+    (root / "Annotations" / "480p").mkdir(parents=True)
+    (root / "ImageSets" / "2017").mkdir(parents=True)
+    (root / "ImageSets" / "2017" / "val.txt").write_text("synth\n")
+    (tmp_path / "ann").rename(root / "Annotations" / "480p" / "synth")
+    for t, f in enumerate(frames):
+        Image.fromarray(f).save(root / "JPEGImages" / "480p" / "synth" / f"{t:05d}.jpg", quality=95)
+    rc = V.main([
+        "--checkpoint", str(ckpt), "--davis", str(root), "--size", "96", "--no-gif",
+        "--out", str(tmp_path / "davis_out"), "--output", str(tmp_path / "davis.json"),
+        "--no-progress",
+    ])  # fmt: skip
+    assert rc == 0
+    davis = json.loads((tmp_path / "davis.json").read_text())
+    assert list(davis["videos"]) == ["synth"]
+    assert davis["summary"]["J&F"] > 0.6  # 0.71 measured from the JPEG frames
+    assert len(list((tmp_path / "davis_out" / "synth").glob("*.png"))) == 8
 
 
 @pytest.mark.parametrize(
