@@ -586,9 +586,14 @@ def contact_sheet(
     items = [(query, (40, 90, 220))] + [
         (r, colours[marks[i] if i < len(marks) else None]) for i, r in enumerate(results)
     ]
+    inner = cell - 8  # a 4-pixel coloured frame around each picture
     for c, (data, colour) in enumerate(items):
-        img = thumbnail(load_image(data), cell - 4)
+        img = load_image(data)
+        s = inner / max(img.width, img.height)  # fit, enlarging small images too
+        img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))),
+                         Image.BICUBIC)  # fmt: skip
         frame = Image.new("RGB", (cell, cell), colour)
+        frame.paste(Image.new("RGB", (inner, inner), "white"), (4, 4))
         frame.paste(img, ((cell - img.width) // 2, (cell - img.height) // 2))
         sheet.paste(frame, (pad + c * (cell + pad), pad))
     return sheet

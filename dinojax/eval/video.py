@@ -335,6 +335,8 @@ def propagate_video(
     th, tw = frame_size(ori_h, ori_w, config.size, p)
     h, w = th // p, tw // p
     labels0 = np.where(seg == 255, 0, seg)  # void is background for propagation
+    # DINO counts the channels on the patch-grid mask; counting them on the full mask only adds
+    # all-zero channels for objects too small for the grid, which never win the argmax.
     num = int(labels0.max()) + 1
     small = np.asarray(Image.fromarray(labels0).resize((w, h), Image.NEAREST)).reshape(-1)
     onehot = np.eye(num, dtype=np.float32)[small]
