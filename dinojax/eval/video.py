@@ -294,7 +294,7 @@ def _step(state, target, *, mesh, h, w, patch, topk, temperature, radius, chunk)
         slot = jnp.where(slot + 1 >= n_slots, 1, slot + 1)
     # The queue stays replicated, so every call sees the same input layout (one compilation).
     state = jax.lax.with_sharding_constraint((feats, segs, valid, slot), NamedSharding(mesh, rep))
-    return state, _labels_from_soft(soft, h, w, patch)
+    return state, _labels_from_soft(soft, h, w, patch), soft
 
 
 def _frame_files(folder: Path) -> list[Path]:
@@ -317,10 +317,12 @@ def propagate_video(
     mesh: Mesh | None = None,
     progress: bool = True,
     desc: str = "frames",
+    soft: bool = False,
 ):
     """Yield (frame index, labels (H, W) uint8 at the original frame size) for every frame:
     frame 0 gives `first_mask` back (as DINO saves it), later frames their propagated labels.
-    `frames` are paths, encoded images or arrays; `first_mask` a mask file or (H, W) array."""
+    `frames` are paths, encoded images or arrays; `first_mask` a mask file or (H, W) array.
+    With `soft`, (index, labels, soft labels (h*w, C) on the patch grid; None for frame 0)."""
     if len(frames) < 1:
         raise ValueError("no frames")
     if batch_size <= 0 or chunk <= 0:
@@ -365,7 +367,7 @@ def propagate_video(
 
     bar = tqdm(total=len(frames), desc=desc, unit="frame", disable=not progress)
     try:
-        yield 0, seg
+        yield (0, seg, None) if soft else (0, seg)
         bar.update(1)
         state = None
         for b0 in range(0, len(frames), gb):
@@ -383,11 +385,11 @@ def propagate_video(
                     valid[0] = True
                     state = jax.device_put((f0, s0, valid, np.int32(1)), replicated)
                     continue
-                state, lab = step(state, jax.device_put(feat, replicated))
+                state, lab, probs = step(state, jax.device_put(feat, replicated))
                 lab = np.asarray(lab)
                 if lab.shape != (ori_h, ori_w):
                     lab = np.asarray(Image.fromarray(lab).resize((ori_w, ori_h), Image.NEAREST))
-                yield t, lab
+                yield (t, lab, np.asarray(probs)) if soft else (t, lab)
                 bar.update(1)
     finally:
         bar.close()

@@ -269,6 +269,15 @@ def test_extraction_batches_mixed_sizes(tiny_model):
     np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-6)
 
 
+def test_query_crop_then_thumbnail():
+    """The protocol crops a query to its bbx (x1, y1, x2, y2) before the thumbnail."""
+    a = np.random.default_rng(0).integers(0, 256, size=(60, 90, 3), dtype=np.uint8)
+    got = R._prepare({"image": a}, 56, (10, 5, 50, 45))
+    assert got.shape == (40, 40, 3)  # 40x40 crop: the thumbnail never enlarges
+    np.testing.assert_array_equal(got, R.normalize(a[5:45, 10:50]))
+    assert R._prepare({"image": a}, 56, None).shape == (37, 56, 3)  # longest side 56
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end
 # ---------------------------------------------------------------------------------------------
