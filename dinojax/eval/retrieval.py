@@ -440,7 +440,8 @@ def extract_retrieval_features(
 
     Images are decoded in a thread pool a window at a time, grouped by size, and each group runs
     in batches sharded over the mesh (padded to a multiple of the device count; one compilation
-    per image size). `boxes[i]` (x1, y1, x2, y2) or None crops record i first."""
+    per image size). `boxes[i]` (x1, y1, x2, y2) or None crops record i first. With several
+    processes, every process decodes every image of a batch (each keeps its devices' rows)."""
     source = resolve_source(source, data_dir)
     n = len(source)
     if boxes is not None and len(boxes) != n:
