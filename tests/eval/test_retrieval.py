@@ -402,3 +402,38 @@ def test_cli_errors_are_one_line(argv, message, capsys):
     assert R.main(["--arch", "dinov2_vits14", "--random", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and message in err and "\n" not in err
+
+
+@pytest.mark.slow
+def test_digits_retrieval_trained_vs_random(tmp_path):
+    """Class-level retrieval (digits:test queries against digits:train, 32-pixel thumbnails,
+    CLS) with the teacher of the 300-step demo training against a random-init backbone built
+    with the recipe's settings (LayerScale 1e-5: almost the same CLS for every image). Measured
+    on the 8 simulated devices: mAP 20.0% trained, 9.8% random init, 10.1% for random rankings;
+    mP@1 58.9% trained, 6.1% random init (8.6% random rankings)."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from dinojax.eval.cli import load_checkpoint
+    from dinojax.models import create_model
+    from dinojax.train.export import export_checkpoint
+    from dinojax.train.trainer import train
+
+    config = importlib.import_module("configs.demo").get_config(None)
+    config.train.progress = False
+    train(config, tmp_path / "work")
+    export_checkpoint(tmp_path / "work", tmp_path / "teacher")
+    trained = load_checkpoint(tmp_path / "teacher")
+    random = create_model("dinov2_vits14", seed=0, **dict(config.model.overrides))
+    gallery, queries = DigitsSource("train"), DigitsSource("test")
+    res = {
+        name: R.retrieve(model, queries, gallery, topk=10, imsize=32, progress=False)["metrics"]
+        for name, model in (("trained", trained), ("random", random))
+    }
+    assert res["trained"]["map"] > 16.0, res  # 20.0 measured, chance 10.1
+    assert res["random"]["map"] < 12.0, res  # 9.8: near chance
+    assert res["trained"]["mp@k"][1] > res["random"]["mp@k"][1] + 30.0, res  # 58.9 vs 6.1
