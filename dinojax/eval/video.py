@@ -45,6 +45,7 @@ Command line:
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import functools
 import logging
@@ -356,23 +357,28 @@ def propagate_video(
         temperature=float(config.temperature), radius=config.size_mask_neighborhood, chunk=chunk,
     )  # fmt: skip
 
-    def embed(batch: list) -> np.ndarray:
+    def embed(loaded: list) -> np.ndarray:
         x = np.zeros((gb, th, tw, 3), np.float32)
-        for i, f in enumerate(batch):
-            x[i] = read_frame(f, th, tw)
+        for i, fut in enumerate(loaded):
+            x[i] = fut.result()
         xg = jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-        return _to_host(_forward(graphdef, fn, params, xg))["feat"][: len(batch)]
+        return _to_host(_forward(graphdef, fn, params, xg))["feat"][: len(loaded)]
 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(frames), desc=desc, unit="frame", disable=not progress)
+    pool = concurrent.futures.ThreadPoolExecutor(min(8, gb))
+    submit = lambda b0: [pool.submit(read_frame, f, th, tw) for f in frames[b0 : b0 + gb]]  # noqa: E731
     try:
         yield (0, seg, None) if soft else (0, seg)
         bar.update(1)
         state = None
+        pending = submit(0)
         for b0 in range(0, len(frames), gb):
-            batch = list(frames[b0 : b0 + gb])
-            feats = embed(batch)
+            loaded = pending
+            if b0 + gb < len(frames):
+                pending = submit(b0 + gb)  # decode the next frames while these propagate
+            feats = embed(loaded)
             for j, feat in enumerate(feats):
                 t = b0 + j
                 if t == 0:
@@ -392,6 +398,7 @@ def propagate_video(
                 yield (t, lab, np.asarray(probs)) if soft else (t, lab)
                 bar.update(1)
     finally:
+        pool.shutdown(wait=False, cancel_futures=True)
         bar.close()
 
 
@@ -528,8 +535,9 @@ def run_video(
     progress: bool = True,
     desc: str = "frames",
 ) -> dict | None:
-    """Propagate, write `<out_dir>/<name>.png` palette masks (and `<out_dir>.gif` overlays);
-    with `annotations` (one per frame), return the per-object J / F."""
+    """Propagate, write `<out_dir>/<name>.png` palette masks (and `<out_dir>.gif` overlays, kept
+    as small thumbnails until the end); with `annotations` (one per frame), return the
+    per-object J / F."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _, palette = read_mask(first_mask)
@@ -552,8 +560,8 @@ def run_video(
             thumbs.append(_overlay(frames[t], lab, palette, gif_width))
     if gif and thumbs:
         thumbs[0].save(
-            out_dir.with_suffix(".gif"), save_all=True, append_images=thumbs[1:], duration=100,
-            loop=0,
+            out_dir.parent / f"{out_dir.name}.gif", save_all=True, append_images=thumbs[1:],
+            duration=100, loop=0,
         )  # fmt: skip
     if annotations is None:
         return None
