@@ -4,10 +4,9 @@ Protocol (facebookresearch/dino `eval_video_segmentation.py`):
 
 - Frames: the shorter side resized to `size` (480) and the longer one to the matching length
   rounded down to a multiple of 64 (`read_frame`: 854x480 -> 832x480); for patch sizes that do not
-  divide 64 (DINOv2's 14) both sides are rounded down to multiples of the patch instead. Bilinear
-  with half-pixel centres (the geometry of OpenCV's `INTER_LINEAR`, computed in float and rounded
-  back to 8 bits), then /255 and normalised with DINO's video constants (mean 0.485, 0.456,
-  0.406; std 0.228, 0.224, 0.225).
+  divide 64 (DINOv2's 14) both sides are rounded down to multiples of the patch instead. OpenCV's
+  bilinear `cv2.resize` on the 8-bit frame (DINO's call), then /255 and normalised with DINO's
+  video constants (mean 0.485, 0.456, 0.406; std 0.228, 0.224, 0.225).
 - Features: the patch tokens of `get_intermediate_layers(x, n=1)` (final norm applied), each
   L2-normalised.
 - The first frame's mask is resized (nearest) to the patch grid and one-hot encoded. Every later
@@ -24,9 +23,10 @@ Protocol (facebookresearch/dino `eval_video_segmentation.py`):
 Metrics (the DAVIS 2017 benchmark, davis2017-evaluation `metrics.py` / `evaluation.py`): per object,
 region similarity J (IoU; 1 when both masks are empty; void pixels, label 255, excluded) and
 contour accuracy F (boundary maps one pixel wide, matched within a disk of radius
-`ceil(0.008 * image diagonal)`; precision / recall / F-measure with the benchmark's empty-boundary
-rules), averaged over the frames except the first and the last; J-Mean and F-Mean average the
-objects; J&F is their mean. The object count is the largest label of the first annotation.
+`ceil(0.008 * image diagonal)` by `cv2.dilate`; precision / recall / F-measure with the
+benchmark's empty-boundary rules), averaged over the frames except the first and the last;
+J-Mean and F-Mean average the objects; J&F is their mean. The object count is the largest label
+of the first annotation.
 
 Execution: frames are read and embedded in batches (one jitted, sharded forward per batch); the
 propagation of each frame is one jitted step holding the first frame and the ring buffer of the
@@ -135,19 +135,16 @@ def frame_size(height: int, width: int, size: int, patch: int) -> tuple[int, int
     return th, tw
 
 
-def _resize_rows(a: np.ndarray, n_out: int, axis: int) -> np.ndarray:
-    """Half-pixel bilinear along one axis (float32)."""
-    m = _bilinear_matrix(a.shape[axis], n_out, None)
-    return np.moveaxis(np.tensordot(m, np.moveaxis(a, axis, 0), axes=1), 0, axis)
-
-
 def read_frame(data: Any, th: int, tw: int) -> np.ndarray:
-    """An (th, tw, 3) float32 frame, normalised with DINO's video constants."""
-    img = np.asarray(load_image(data), np.float32)
+    """An (th, tw, 3) float32 frame: OpenCV's bilinear resize of the 8-bit image (DINO's
+    `read_frame` call), then /255 and DINO's video normalisation."""
+    import cv2
+
+    img = np.asarray(load_image(data))
     if img.shape[:2] != (th, tw):
-        img = _resize_rows(_resize_rows(img, th, 0), tw, 1)
-        img = np.clip(np.round(img), 0, 255)  # 8-bit like OpenCV's output
-    return (img / 255.0 - np.asarray(VIDEO_MEAN, np.float32)) / np.asarray(VIDEO_STD, np.float32)
+        img = cv2.resize(img, (tw, th))  # INTER_LINEAR, per channel: RGB order is irrelevant
+    img = img.astype(np.float32) / 255.0
+    return (img - np.asarray(VIDEO_MEAN, np.float32)) / np.asarray(VIDEO_STD, np.float32)
 
 
 def read_mask(data: Any) -> tuple[np.ndarray, Any]:
@@ -441,15 +438,15 @@ def _disk(radius: float) -> np.ndarray:
 
 def f_measure(foreground_mask, gt_mask, void_pixels=None, bound_th: float = 0.008) -> float:
     """Contour accuracy F of a predicted mask against the annotation (the DAVIS definition)."""
-    from scipy.ndimage import binary_dilation
+    import cv2
 
     fg, gt = np.asarray(foreground_mask, bool), np.asarray(gt_mask, bool)
     keep = np.ones_like(fg) if void_pixels is None else ~np.asarray(void_pixels, bool)
     bound_pix = bound_th if bound_th >= 1 else math.ceil(bound_th * math.hypot(*fg.shape))
     fg_b, gt_b = seg2bmap(fg & keep), seg2bmap(gt & keep)
-    disk = _disk(bound_pix)
-    fg_dil = binary_dilation(fg_b, disk) if fg_b.any() else fg_b
-    gt_dil = binary_dilation(gt_b, disk) if gt_b.any() else gt_b
+    disk = _disk(bound_pix).astype(np.uint8)
+    fg_dil = cv2.dilate(fg_b.astype(np.uint8), disk) > 0
+    gt_dil = cv2.dilate(gt_b.astype(np.uint8), disk) > 0
     n_fg, n_gt = np.count_nonzero(fg_b), np.count_nonzero(gt_b)
     if n_fg == 0 and n_gt > 0:
         precision, recall = 1.0, 0.0
