@@ -10,6 +10,10 @@
   `python -m dinojax.eval.extract`.
 - `dinojax.eval.pictures`: patch-feature PCA and attention-map PNGs,
   `python -m dinojax.eval.pictures`.
+- `dinojax.eval.retrieval`: revisited Oxford / Paris `compute_map`, exact sharded top-k `search`,
+  retrieval descriptors, `python -m dinojax.eval.retrieval`.
+- `dinojax.eval.video`: DAVIS-2017 label propagation and the J / F metrics,
+  `python -m dinojax.eval.video`.
 - `dinojax.eval.features` (sharded batched extraction over any data source) and
   `dinojax.eval.transforms` (the official eval transform) underneath.
 """
