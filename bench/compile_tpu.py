@@ -36,6 +36,9 @@ from typing import Any
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # TPU is a compile target only; runtime stays CPU
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # silences a libtpu start-up error
+# libtpu takes a machine-wide lock file by default; compiling touches no TPU, so several
+# processes (parallel tests, a compile beside another) may load it at once.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
