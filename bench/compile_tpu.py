@@ -447,14 +447,14 @@ def compile_for_slice(config, slice_name: str) -> dict[str, Any]:
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         hlo = compiled.as_text()
         xla_peak = int(getattr(mem, "peak_memory_in_bytes", 0))
-        # Everything live at once at worst: arguments, outputs not aliased to (donated) arguments,
-        # temporaries and the program. XLA's own peak can be lower (it overlaps lifetimes);
-        # whether a recipe fits is judged on the larger of the two.
+        # The sum of every allocation as if all were live at once (temporaries counted whole);
+        # an upper bound only. XLA's peak follows buffer lifetimes, and the TPU compiler itself
+        # refuses (RESOURCE_EXHAUSTED, handled above) a program whose peak exceeds the chip's HBM.
         footprint = (
             mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
             + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes
         )  # fmt: skip
-        peak = max(xla_peak, footprint)
+        peak = xla_peak or footprint
         flops_once = float(cost.get("flops", 0.0))
         memory = {
             "argument_bytes": int(mem.argument_size_in_bytes),
@@ -540,9 +540,10 @@ def not_fit_hint(rec: Mapping[str, Any]) -> str:
     # Temporaries grow about linearly with the per-chip batch; the state does not.
     room = rec["hbm_bytes_per_chip"] - (rec["peak_bytes_per_chip"] - rec["temp_bytes"])
     est = rec["per_chip_batch"] * room / max(rec["temp_bytes"], 1)
-    hint = f"a per-chip batch of about {max(est, 0):.0f} or less (--config.batch_size)"
+    hint = f"a per-chip batch of about {est:.0f} or less (--config.batch_size)"
     if rec["remat_policy"] != "full":
-        hint = f"--config.model.overrides.remat_policy=full, or {hint}"
+        remat = "--config.model.overrides.remat_policy=full"
+        hint = f"{remat}, or {hint}" if est >= 1 else remat
     return (
         f"does not fit: peak {rec['peak_bytes_per_chip'] / GIB:.2f} GiB per chip > HBM "
         f"{rec['hbm_bytes_per_chip'] / GIB:.0f} GiB on {rec['topology']}; try {hint}"
