@@ -565,6 +565,8 @@ def main(argv: list[str]) -> None:
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    if _HLO_OUT.value and rec["_compiled"] is not None:
+        Path(_HLO_OUT.value).write_text(rec["_compiled"].as_text())
     rec = public(rec)
     rec["config"] = config_flags.get_config_filename(flags.FLAGS["config"])
     rec["config_overrides"] = config_flags.get_override_values(flags.FLAGS["config"]) or None
@@ -589,4 +591,5 @@ if __name__ == "__main__":
     _TOPOLOGY = flags.DEFINE_string("topology", "v5p-8", "TPU slice, e.g. v5p-256, v6e-64, v5e-16")
     _OUT = flags.DEFINE_string("out", str(REPO / "bench" / "results" / "compile_tpu.jsonl"), "")
     _LABEL = flags.DEFINE_string("label", "", "free-form label stored with the result")
+    _HLO_OUT = flags.DEFINE_string("hlo_out", None, "write the optimized HLO text to this file")
     app.run(main)
