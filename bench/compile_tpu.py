@@ -14,6 +14,8 @@ recipe's global batch, crop sizes and masked-token buffer). Prints one line and 
 line to bench/results/compile_tpu.jsonl: per-chip memory from `compiled.memory_analysis()` against
 the chip's HBM, XLA's per-chip FLOPs against `dinojax.ssl.step.flops_per_step`, and the
 collectives of the optimized HLO per step. A recipe that does not fit exits with status 2.
+`--sweep` finds, per remat policy (`--sweep_policies`), the largest power-of-two per-chip batch
+that fits, by bisection (each compile recorded).
 
 Slice names count what Cloud TPU counts: TensorCores for v4 / v5p (2 per chip: `v5p-256` is 128
 chips), chips for v5e / v6e (`v5e-64` is 64 chips).
@@ -554,27 +556,59 @@ def public(rec: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in rec.items() if not k.startswith("_")}
 
 
+def sweep(config, slice_name: str, policies: list[str], max_per_chip: int, write) -> dict:
+    """For each remat policy, the largest per-chip batch (a power of two up to `max_per_chip`)
+    whose step fits, by bisection on the exponent; every compile is recorded with `write`.
+    -> {policy: largest fitting per-chip batch, or 0 when not even 1 fits}."""
+    chips = parse_slice(slice_name).chips
+    best = {}
+    for policy in policies:
+        lo, hi = -1, int(math.log2(max_per_chip))  # exponents: lo fits (-1: none known), hi+1 not
+        hi += 1
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            c = config.copy_and_resolve_references()
+            c.model.overrides.remat_policy = policy
+            c.batch_size = (2**mid) * chips
+            rec = compile_for_slice(c, slice_name)
+            write(rec, sweep=True)
+            print(summary(rec), flush=True)
+            lo, hi = (mid, hi) if rec["fits"] else (lo, mid)
+        best[policy] = 2**lo if lo >= 0 else 0
+    return best
+
+
 def main(argv: list[str]) -> None:
     del argv
     from absl import flags
     from ml_collections import config_flags
 
+    def write(rec: dict, **extra: Any) -> None:
+        rec = public(rec)
+        rec["config"] = config_flags.get_config_filename(flags.FLAGS["config"])
+        rec["config_overrides"] = config_flags.get_override_values(flags.FLAGS["config"]) or None
+        rec["label"] = _LABEL.value
+        rec.update(extra)
+        out = Path(_OUT.value)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+
     config = _CONFIG.value
     try:
+        if _SWEEP.value:
+            policies = [p.strip() for p in _POLICIES.value.split(",") if p.strip()]
+            best = sweep(config, _TOPOLOGY.value, policies, _MAX_PER_CHIP.value, write)
+            print(f"largest per-chip batch that fits {_TOPOLOGY.value}: " + ", ".join(
+                f"remat {p}: {b or 'none'}" for p, b in best.items()))  # fmt: skip
+            return
         rec = compile_for_slice(config, _TOPOLOGY.value)
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     if _HLO_OUT.value and rec["_compiled"] is not None:
         Path(_HLO_OUT.value).write_text(rec["_compiled"].as_text())
-    rec = public(rec)
-    rec["config"] = config_flags.get_config_filename(flags.FLAGS["config"])
-    rec["config_overrides"] = config_flags.get_override_values(flags.FLAGS["config"]) or None
-    rec["label"] = _LABEL.value
-    out = Path(_OUT.value)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as f:
-        f.write(json.dumps(rec) + "\n")
+    write(rec)
     print(summary(rec))
     if not rec["fits"]:
         print(not_fit_hint(rec), file=sys.stderr)
@@ -592,4 +626,9 @@ if __name__ == "__main__":
     _OUT = flags.DEFINE_string("out", str(REPO / "bench" / "results" / "compile_tpu.jsonl"), "")
     _LABEL = flags.DEFINE_string("label", "", "free-form label stored with the result")
     _HLO_OUT = flags.DEFINE_string("hlo_out", None, "write the optimized HLO text to this file")
+    _SWEEP = flags.DEFINE_bool(
+        "sweep", False, "per remat policy, the largest per-chip batch that fits"
+    )
+    _POLICIES = flags.DEFINE_string("sweep_policies", "none,full", "remat policies to sweep")
+    _MAX_PER_CHIP = flags.DEFINE_integer("sweep_max_per_chip", 128, "largest per-chip batch tried")
     app.run(main)

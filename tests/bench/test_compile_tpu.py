@@ -185,3 +185,29 @@ def test_jax_platforms_is_cpu_for_tests():
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert r.stdout.strip() == "cpu"
+
+
+def test_sweep_bisects_powers_of_two(monkeypatch):
+    """`--sweep`: per policy, the largest power-of-two per-chip batch that fits, every compile
+    recorded (the compiler replaced by a rule: up to 12 per chip fit with full remat, 3 without)."""
+    from configs.dinov2 import get_config
+
+    limit = {"full": 12, "none": 3}
+    tried = []
+
+    def fake(config, slice_name):
+        per_chip = config.batch_size // 4
+        policy = config.model.overrides.remat_policy
+        tried.append((policy, per_chip))
+        return {"fits": per_chip <= limit[policy], "_tried": (policy, per_chip)}
+
+    monkeypatch.setattr(ct, "compile_for_slice", fake)
+    monkeypatch.setattr(ct, "summary", lambda rec: str(rec["_tried"]))
+    written = []
+    best = ct.sweep(
+        get_config("smoke"), "v5p-8", ["full", "none"], 64, lambda r, **k: written.append(k)
+    )
+    assert best == {"full": 8, "none": 2}
+    assert len(written) == len(tried) and all(k == {"sweep": True} for k in written)
+    assert all(p & (p - 1) == 0 for _, p in tried)  # powers of two only
+    assert len([t for t in tried if t[0] == "full"]) <= 3  # 7 candidates (1..64): 3 compiles
