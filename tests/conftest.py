@@ -15,6 +15,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "")
+# Before JAX is imported, and inherited by subprocess tests: with libtpu installed (the `test`
+# extra, for bench/compile_tpu.py's deviceless TPU compiles) JAX would otherwise try the TPU first.
+os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax  # noqa: E402

@@ -1,0 +1,634 @@
+"""Compile the training step that `train.py` runs for a Cloud TPU slice, on this CPU: deviceless.
+
+With `libtpu` installed (the `tpu` or `test` extra), XLA's real TPU compiler runs on the host and
+reports what one chip of the slice would hold and compute. Nothing is run: no TPU is needed.
+
+    JAX_PLATFORMS=cpu python bench/compile_tpu.py --config configs/dinov2_vitg14.py \
+        --topology v5p-256 --config.model.overrides.dtype=bfloat16 \
+        --config.model.overrides.remat_policy=full
+
+The step is the trainer's own (`dinojax.train.trainer`: `make_mesh` over the slice's devices,
+`StepSetup.from_config`, `state_shardings_for`, `make_train_step`) lowered on the abstract state
+(`jax.eval_shape`: nothing is materialised) and the batch the input pipeline would hand it (the
+recipe's global batch, crop sizes and masked-token buffer). Prints one line and appends one JSON
+line to bench/results/compile_tpu.jsonl: per-chip memory from `compiled.memory_analysis()` against
+the chip's HBM, XLA's per-chip FLOPs against `dinojax.ssl.step.flops_per_step`, and the
+collectives of the optimized HLO per step. A recipe that does not fit exits with status 2.
+`--sweep` finds, per remat policy (`--sweep_policies`), the largest power-of-two per-chip batch
+that fits, by bisection (each compile recorded).
+
+Slice names count what Cloud TPU counts: TensorCores for v4 / v5p (2 per chip: `v5p-256` is 128
+chips), chips for v5e / v6e (`v5e-64` is 64 chips).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # TPU is a compile target only; runtime stays CPU
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # silences a libtpu start-up error
+# libtpu takes a machine-wide lock file by default; compiling touches no TPU, so several
+# processes (parallel tests, a compile beside another) may load it at once.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+GIB = 2**30
+
+# Per-chip HBM of each generation (Cloud TPU system architecture pages).
+HBM_BYTES = {"v4": 32 * GIB, "v5p": 95 * GIB, "v5e": 16 * GIB, "v6e": 32 * GIB}
+# Slice sizes offered per generation (in the slice name's unit).
+_SIZES = {
+    "v4": [2**k for k in range(3, 13)],  # v4-8 .. v4-4096 (TensorCores)
+    "v5p": [2**k for k in range(3, 14)],  # v5p-8 .. v5p-8192 (TensorCores)
+    "v5e": [4, 8, 16, 32, 64, 128, 256],  # chips
+    "v6e": [4, 8, 16, 32, 64, 128, 256],  # chips
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+    name: str  # "v5p-256"
+    generation: str  # "v5p"
+    chips: int
+    topology_name: str  # for jax.experimental.topologies.get_topology_desc
+    chip_config_name: str | None
+    hbm_bytes: int
+
+    @property
+    def torus(self) -> str:
+        return self.topology_name.split(":", 1)[1]
+
+
+def known_slices() -> list[str]:
+    return [f"{g}-{n}" for g, sizes in _SIZES.items() for n in sizes]
+
+
+def _torus_3d(chips: int) -> tuple[int, int, int]:
+    # Cloud TPU's v4 / v5p shapes: 2x2x1, 2x2x2, then the axes double in turn from the last
+    # (2x2x4, 2x4x4, 4x4x4, 4x4x8, 4x8x8, 8x8x8, ...).
+    if chips == 4:
+        return (2, 2, 1)
+    dims, i = [2, 2, 2], 2
+    while math.prod(dims) < chips:
+        dims[i] *= 2
+        i = (i - 1) % 3
+    return tuple(dims)
+
+
+def _torus_2d(chips: int) -> tuple[int, int]:
+    # v5e / v6e: 2x2, 2x4, 4x4, 4x8, 8x8, 8x16, 16x16.
+    a = 2 ** (int(math.log2(chips)) // 2)
+    return (a, chips // a)
+
+
+def parse_slice(name: str) -> Slice:
+    """`v5p-256` -> its topology; an unknown name is a one-line error listing the known ones."""
+    m = re.fullmatch(r"(v4|v5p|v5e|v6e)-(\d+)", name.strip().lower())
+    if not m or int(m.group(2)) not in _SIZES[m.group(1)]:
+        known = ", ".join(f"{g}-{{{','.join(map(str, s))}}}" for g, s in _SIZES.items())
+        raise ValueError(f"unknown TPU slice {name!r}; known: {known}")
+    gen, n = m.group(1), int(m.group(2))
+    if gen in ("v4", "v5p"):
+        chips = n // 2
+        torus = "x".join(map(str, _torus_3d(chips)))
+        prefix = "v5" if gen == "v5p" else "v4"
+        return Slice(name, gen, chips, f"{prefix}:{torus}", "megacore", HBM_BYTES[gen])
+    torus = "x".join(map(str, _torus_2d(n)))
+    return Slice(name, gen, n, f"{gen}:{torus}", None, HBM_BYTES[gen])
+
+
+def topology_devices(s: Slice) -> list:
+    """The slice's devices, described by libtpu (no TPU needed)."""
+    try:
+        from jax.experimental import topologies
+    except ImportError as e:  # pragma: no cover - jax always has it
+        raise RuntimeError(f"jax.experimental.topologies is unavailable: {e}") from None
+    kw = {"chip_config_name": s.chip_config_name} if s.chip_config_name else {}
+    try:
+        topo = topologies.get_topology_desc(
+            platform="tpu", topology_name=s.topology_name, chips_per_host_bounds=(2, 2, 1),
+            num_slices=1, **kw,
+        )  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - libtpu missing or refusing: say which
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeError(
+            f"cannot describe TPU topology {s.topology_name} ({first}); is libtpu installed "
+            "(pip install 'dinojax[tpu]')?"
+        ) from None
+    return list(topo.devices)
+
+
+def make_slice_mesh(config, s: Slice, devices: list):
+    """The trainer's mesh (`dinojax.sharding.make_mesh`, config.mesh) over the slice's devices.
+    A shape the torus cannot host is a one-line error naming the physical axes."""
+    from dinojax.sharding import make_mesh
+
+    shape, axes = tuple(config.mesh.shape), tuple(config.mesh.axes)
+    try:
+        return make_mesh(shape, axes, devices)
+    except Exception as e:  # noqa: BLE001 - jax's assignment errors are several lines
+        msg = str(e)
+        if "assignment" not in msg and "physical" not in msg:
+            raise
+        raise ValueError(
+            f"mesh shape {shape} (axes {axes}) cannot be laid on the {s.name} torus "
+            f"{s.torus} (physical axes {s.torus.split('x')}): each mesh axis must be a product "
+            "of whole physical axes"
+        ) from None
+
+
+def batch_spec(config, mesh, process_count: int) -> dict:
+    """The `ShapeDtypeStruct`s of one batch, as `DinoDataIterator.element_spec` gives them on a
+    pod of `process_count` hosts (same shapes, dtypes, masked-token buffer and sharding)."""
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from dinojax.data.pipeline import _process_mask_upper_bound
+    from dinojax.sharding import batch_axes
+    from dinojax.ssl import step as ssl_step
+    from dinojax.train.data import data_config
+
+    rules = tuple(tuple(r) for r in config.mesh.rules)
+    data_axes = batch_axes(mesh, rules)
+    sharding = NamedSharding(mesh, PartitionSpec(data_axes))
+    n_shards = int(np.prod([mesh.shape[a] for a in data_axes]))
+    dc = data_config(config, process_count, ssl_step.n_batch_shards(config, mesh))
+    a, b, P = dc.augment, dc.batch_size, process_count
+    k = max(1, n_shards // P)  # data shards per host
+    img = np.float32 if a.normalize else np.uint8
+    shapes = {
+        "global_crops": ((P * 2 * b, a.global_crops_size, a.global_crops_size, 3), img),
+        "local_crops": (
+            (P * a.local_crops_number * b, a.local_crops_size, a.local_crops_size, 3),
+            img,
+        ),
+        "labels": ((P * b,), np.int32),
+    }
+    if dc.masking is not None:
+        n_tokens = dc.masking.generator(a.global_crops_size).num_patches
+        upper = _process_mask_upper_bound(dc.masking, n_tokens, b, dc.mask_groups)
+        u = -(-upper // k) * k
+        shapes.update(
+            masks=((P * 2 * b, n_tokens), np.bool_),
+            mask_indices=((P * u,), np.int32),
+            masks_weight=((P * u,), np.float32),
+            n_masked=((P * k,), np.int32),
+        )
+    return {
+        key: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+        for key, (shape, dtype) in shapes.items()
+    }
+
+
+def abstract_train_state(config, mesh, setup) -> tuple[dict, dict]:
+    """(state as sharded ShapeDtypeStructs, shardings): `create_train_state`'s shapes and
+    shardings without creating anything."""
+    import jax
+
+    from dinojax.ssl import step as ssl_step
+
+    key = jax.random.key(int(config.seed))
+    abstract = jax.eval_shape(lambda k: ssl_step._init_state(config, setup, k), key)
+    shardings = ssl_step.state_shardings_for(config, mesh, abstract, setup=setup)
+    spec = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    return spec, shardings
+
+
+def bytes_per_chip(tree: Any) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (its shard shapes)."""
+    import jax
+    import numpy as np
+
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shard = x.sharding.shard_shape(x.shape)
+        total += int(np.prod(shard, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+    return total
+
+
+def tiled_bytes_per_chip(tree: Any, formats: Any) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs in the layouts the compiler
+    chose (`compiled.input_formats`, same tree order): TPU pads the two minor dimensions of every
+    array to its tile, e.g. (8, 128) for float32, which dominates for tiny smoke-size arrays."""
+    import jax
+    import numpy as np
+
+    total = 0
+    for x, f in zip(jax.tree.leaves(tree), jax.tree.leaves(formats), strict=True):
+        shard = list(x.sharding.shard_shape(x.shape))
+        layout = getattr(f, "layout", None)
+        if layout is not None and layout.tiling:
+            tile = layout.tiling[0]
+            dims = [shard[i] for i in layout.major_to_minor]
+            dims = [1] * max(0, len(tile) - len(dims)) + dims
+            for j, t in enumerate(tile[::-1], start=1):
+                dims[-j] = -(-dims[-j] // t) * t
+            shard = dims
+        total += int(np.prod(shard, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+    return total
+
+
+def replicated_leaves(tree: Any, min_size: int) -> list[str]:
+    """Leaves with at least `min_size` elements that every device holds whole."""
+    import jax
+
+    return [
+        f"{jax.tree_util.keystr(p)} {tuple(x.shape)}"
+        for p, x in jax.tree_util.tree_leaves_with_path(tree)
+        if math.prod(x.shape) >= min_size and x.sharding.is_fully_replicated
+    ]
+
+
+# ------------------------------------------------------------------------------------------------
+# Collectives of the optimized HLO
+# ------------------------------------------------------------------------------------------------
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {
+    "pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
+    "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+    "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16,
+}  # fmt: skip
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
+_COMP_HEAD = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+([a-z][a-z\-]*)\((.*)$")
+_CALLEES = re.compile(
+    r"\b(body|condition|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)"
+)
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+
+
+_OOM = re.compile(r"HLO temporaries \(([0-9.]+)([KMGT]?)\)")
+_UNIT = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _shape_bytes(shape: str) -> int:
+    total = 0
+    for dtype, dims in _ARRAY.findall(shape):
+        n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+        total += n * _DTYPE_BYTES.get(dtype, 0)
+    return total
+
+
+def _parse_hlo(hlo: str) -> tuple[str | None, dict[str, list[tuple[str, str, str]]], dict]:
+    """(entry name, computation -> [(opcode, result shape, rest of line)], computation ->
+    (first line, last line) of its text)."""
+    comps: dict[str, list[tuple[str, str, str]]] = {}
+    spans: dict[str, tuple[int, int]] = {}
+    entry, current, start = None, None, 0
+    for i, line in enumerate(hlo.splitlines()):
+        if current is None:
+            m = _COMP_HEAD.match(line)
+            if m and "=" not in line.split("{")[0].split("(")[0]:
+                current, start = m.group(2), i
+                comps[current] = []
+                if m.group(1):
+                    entry = current
+            continue
+        if line.strip() == "}":
+            spans[current] = (start, i)
+            current = None
+            continue
+        m = _INSTR.match(line)
+        if m:
+            comps[current].append((m.group(2), m.group(1), m.group(3)))
+    return entry, comps, spans
+
+
+def _trip_count(cond: list[tuple[str, str, str]]) -> int:
+    # A scan's loop condition: `counter < N`, the counter starting at 0.
+    consts = [int(c) for op, _, rest in cond if op == "constant"
+              for c in re.findall(r"^(\d+)\)", rest)]  # fmt: skip
+    lt = any(op == "compare" and "direction=LT" in rest for op, _, rest in cond)
+    return consts[0] if lt and len(consts) == 1 else 1
+
+
+def _multiplicities(entry: str | None, comps: Mapping[str, list]) -> tuple[dict, dict]:
+    """(computation -> executions per step, while body -> its trip count)."""
+    mult: dict[str, int] = {}
+    trips: dict[str, int] = {}
+
+    def visit(name: str, k: int) -> None:
+        mult[name] = mult.get(name, 0) + k
+        for op, _, rest in comps.get(name, ()):
+            called = dict(_CALLEES.findall(rest))
+            trip = 1
+            if op == "while" and "body" in called:
+                trip = _trip_count(comps.get(called.get("condition", ""), []))
+                trips[called["body"]] = trip
+            for role, callee in called.items():
+                visit(callee, k * trip if role == "body" else k)
+            for group in _BRANCHES.findall(rest):
+                for callee in group.split(","):
+                    visit(callee.strip().lstrip("%"), k)
+
+    if entry is not None:
+        visit(entry, 1)
+    return mult, trips
+
+
+def collectives(hlo: str) -> dict[str, dict[str, int]]:
+    """Per collective kind: instructions in the program (`static`), and executions and result
+    bytes per step (`count`, `bytes`: loop bodies times their trip count).
+
+    Async pairs count once (at `-done`, whose result is the collective's); collectives wrapped in
+    `async-start` computations count at the wrapped instruction."""
+    entry, comps, _ = _parse_hlo(hlo)
+    mult, _ = _multiplicities(entry, comps)
+    out = {c: {"static": 0, "count": 0, "bytes": 0} for c in COLLECTIVES}
+    for name, instrs in comps.items():
+        k = mult.get(name, 0)
+        for op, shape, _ in instrs:
+            kind = op[: -len("-done")] if op.endswith("-done") else op
+            if kind not in out or op.endswith("-start"):
+                continue
+            out[kind]["static"] += 1
+            out[kind]["count"] += k
+            out[kind]["bytes"] += k * _shape_bytes(shape)
+    return out
+
+
+def _hlo_flops(text: str) -> float:
+    """XLA's HloCostAnalysis FLOPs of an HLO module's text (run by the CPU client: the analysis
+    is target-independent and reads the TPU program's shapes as they are)."""
+    import jax
+    from jax._src.lib import xla_client
+    from jaxlib import _hlo
+
+    module = _hlo.hlo_module_from_text(text)
+    cpu = jax.devices("cpu")[0].client
+    return float(xla_client._xla.hlo_module_cost_analysis(cpu, module).get("flops", 0.0))
+
+
+def flops_per_step(hlo: str, whole: float) -> float:
+    """XLA's FLOPs of one execution of the optimized program.
+
+    `cost_analysis` counts a while loop's body once, whatever its trip count (the block scan runs
+    it `depth` times). Each body is analysed alone (XLA's own HloCostAnalysis, on the body as the
+    entry of a module) and added (trip count - 1) more times. Bodies are assumed not to nest."""
+    entry, comps, spans = _parse_hlo(hlo)
+    mult, trips = _multiplicities(entry, comps)
+    lines = hlo.splitlines()
+    header = re.sub(r",\s*entry_computation_layout=\{.*\}\s*$", "", lines[0])
+    header = header.split(",")[0]  # keep `HloModule name`: the rest describes the old entry
+    total = whole
+    for body, trip in trips.items():
+        extra = mult.get(body, 0) - mult.get(body, 0) // trip if trip > 1 else 0
+        if not extra:
+            continue
+        text = [header]
+        for name, (a, b) in spans.items():
+            chunk = lines[a : b + 1]
+            first = re.sub(r"^ENTRY\s+", "", chunk[0])
+            if name == body:
+                first = "ENTRY " + first
+            text.extend([first, *chunk[1:]])
+        # Stack frames live in a table after the computations, which is not copied.
+        body_text = re.sub(r"\s*stack_frame_id=\d+", "", "\n".join(text))
+        total += extra * _hlo_flops(body_text)
+    return total
+
+
+# ------------------------------------------------------------------------------------------------
+# The compile
+# ------------------------------------------------------------------------------------------------
+
+
+def compile_for_slice(config, slice_name: str) -> dict[str, Any]:
+    """Compile the recipe's training step for the slice; returns the result record (and keeps
+    the compiled executable and the abstract state under `_compiled`, `_state`, `_batch`)."""
+    import flax.linen as nn
+    import jax
+
+    from dinojax.ssl import step as ssl_step
+    from dinojax.train.trainer import resolve_durations
+
+    s = parse_slice(slice_name)
+    config = resolve_durations(config)  # the schedules the trainer would run
+    devices = topology_devices(s)
+    mesh = make_slice_mesh(config, s, devices)
+    rules = tuple(tuple(r) for r in config.mesh.rules)
+    hosts = len({d.process_index for d in devices})
+    setup = ssl_step.StepSetup.from_config(config)
+    state, shardings = abstract_train_state(config, mesh, setup)
+    batch = batch_spec(config, mesh, hosts)
+    step_fn = ssl_step.make_train_step(config, mesh, shardings, setup=setup)
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        lowered = step_fn.jitted.lower(state, batch)
+        try:
+            compiled = lowered.compile()
+        except Exception as e:  # noqa: BLE001 - XLA refuses a program that overflows HBM
+            need = _OOM.search(str(e))
+            if need is None:
+                raise
+            compiled, oom_bytes = None, int(float(need.group(1)) * _UNIT[need.group(2)])
+    compile_s = time.perf_counter() - t0
+
+    n_dev = len(devices)
+    state_b, batch_b = bytes_per_chip(state), bytes_per_chip(batch)
+    if compiled is not None:
+        mem = compiled.memory_analysis()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        hlo = compiled.as_text()
+        xla_peak = int(getattr(mem, "peak_memory_in_bytes", 0))
+        # The sum of every allocation as if all were live at once (temporaries counted whole);
+        # an upper bound only. XLA's peak follows buffer lifetimes, and the TPU compiler itself
+        # refuses (RESOURCE_EXHAUSTED, handled above) a program whose peak exceeds the chip's HBM.
+        footprint = (
+            mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+            + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes
+        )  # fmt: skip
+        peak = xla_peak or footprint
+        flops_once = float(cost.get("flops", 0.0))
+        memory = {
+            "argument_bytes": int(mem.argument_size_in_bytes),
+            "output_bytes": int(mem.output_size_in_bytes),
+            "alias_bytes": int(mem.alias_size_in_bytes),
+            "temp_bytes": int(mem.temp_size_in_bytes),
+            "generated_code_bytes": int(mem.generated_code_size_in_bytes),
+            "xla_peak_bytes": xla_peak,
+            "footprint_bytes": footprint,
+            "peak_bytes_per_chip": peak,
+            "xla_flops_per_chip": flops_per_step(hlo, flops_once),
+            "xla_flops_loop_bodies_once": flops_once,
+            "args_bytes_tiled": tiled_bytes_per_chip((state, batch), compiled.input_formats[0]),
+            "collectives": collectives(hlo),
+        }
+    else:
+        # The compiler stopped at memory assignment: it reports the temporaries it needed; the
+        # arguments are the state and the batch.
+        peak = oom_bytes + state_b + batch_b
+        memory = {
+            "argument_bytes": None, "output_bytes": None, "alias_bytes": None,
+            "temp_bytes": oom_bytes, "generated_code_bytes": None, "peak_bytes_per_chip": peak,
+            "args_bytes_tiled": None,
+            "peak_is_estimate": True, "xla_flops_per_chip": None,
+            "xla_flops_loop_bodies_once": None, "collectives": None,
+        }  # fmt: skip
+    ov = config.model.overrides
+    b = int(config.batch_size)
+    rec: dict[str, Any] = {
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "topology": s.name,
+        "topology_name": s.topology_name,
+        "chips": s.chips,
+        "devices": n_dev,
+        "hosts": hosts,
+        "num_slices": 1,
+        "mesh": {k: int(v) for k, v in mesh.shape.items()},
+        "arch": config.model.arch,
+        "global_batch": b,
+        "per_chip_batch": b / s.chips,
+        "global_crops_size": int(config.data.global_crops_size),
+        "local_crops": [int(config.data.local_crops_number), int(config.data.local_crops_size)],
+        "mask_buffer": int(batch["mask_indices"].shape[0]) if "mask_indices" in batch else 0,
+        "remat_policy": ov.get("remat_policy", "none"),
+        "attention": ov.get("attention", "xla"),
+        "dtype": ov.get("dtype", "float32"),
+        "compile_s": round(compile_s, 1),
+        "state_bytes_per_chip": state_b,
+        "batch_bytes_per_chip": batch_b,
+        **{k: v for k, v in memory.items() if k not in ("xla_flops_per_chip", "collectives")},
+        "hbm_bytes_per_chip": s.hbm_bytes,
+        "fits": compiled is not None and peak <= s.hbm_bytes,
+        "xla_flops_per_chip": memory["xla_flops_per_chip"],
+        "analytic_flops_per_chip": float(ssl_step.flops_per_step(config, setup=setup)) / n_dev,
+        "collectives": memory["collectives"],
+        "host": platform.node(),
+    }
+    rec["_compiled"], rec["_state"], rec["_batch"] = compiled, state, batch
+    return rec
+
+
+def summary(rec: Mapping[str, Any]) -> str:
+    g = lambda x: f"{x / GIB:.2f}"  # noqa: E731
+    if rec["xla_flops_per_chip"] is None:
+        return (
+            f"{rec['arch']} batch {rec['global_batch']} on {rec['topology']} ({rec['chips']} "
+            f"chips, mesh {rec['mesh']}), remat {rec['remat_policy']}, {rec['dtype']}: DOES NOT "
+            f"FIT: XLA needs {g(rec['temp_bytes'])} GiB of temporaries per chip, HBM "
+            f"{g(rec['hbm_bytes_per_chip'])} GiB; {rec['compile_s']:.1f} s"
+        )
+    ratio = rec["xla_flops_per_chip"] / rec["analytic_flops_per_chip"]
+    return (
+        f"{rec['arch']} batch {rec['global_batch']} on {rec['topology']} ({rec['chips']} chips, "
+        f"mesh {rec['mesh']}), remat {rec['remat_policy']}, {rec['dtype']}: peak "
+        f"{g(rec['peak_bytes_per_chip'])} / {g(rec['hbm_bytes_per_chip'])} GiB per chip "
+        f"({'fits' if rec['fits'] else 'DOES NOT FIT'}; state {g(rec['state_bytes_per_chip'])}, "
+        f"temp {g(rec['temp_bytes'])}), {rec['xla_flops_per_chip'] / 1e12:.2f} TFLOP per chip "
+        f"(analytic x{ratio:.3f}); compiled in {rec['compile_s']:.1f} s"
+    )
+
+
+def not_fit_hint(rec: Mapping[str, Any]) -> str:
+    # Temporaries grow about linearly with the per-chip batch; the state does not.
+    room = rec["hbm_bytes_per_chip"] - (rec["peak_bytes_per_chip"] - rec["temp_bytes"])
+    est = rec["per_chip_batch"] * room / max(rec["temp_bytes"], 1)
+    hint = f"a per-chip batch of about {est:.0f} or less (--config.batch_size)"
+    if rec["remat_policy"] != "full":
+        remat = "--config.model.overrides.remat_policy=full"
+        hint = f"{remat}, or {hint}" if est >= 1 else remat
+    return (
+        f"does not fit: peak {rec['peak_bytes_per_chip'] / GIB:.2f} GiB per chip > HBM "
+        f"{rec['hbm_bytes_per_chip'] / GIB:.0f} GiB on {rec['topology']}; try {hint}"
+    )
+
+
+def public(rec: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in rec.items() if not k.startswith("_")}
+
+
+def sweep(config, slice_name: str, policies: list[str], max_per_chip: int, write) -> dict:
+    """For each remat policy, the largest per-chip batch (a power of two up to `max_per_chip`)
+    whose step fits, by bisection on the exponent; every compile is recorded with `write`.
+    -> {policy: largest fitting per-chip batch, or 0 when not even 1 fits}."""
+    chips = parse_slice(slice_name).chips
+    best = {}
+    for policy in policies:
+        lo, hi = -1, int(math.log2(max_per_chip))  # exponents: lo fits (-1: none known), hi+1 not
+        hi += 1
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            c = config.copy_and_resolve_references()
+            c.model.overrides.remat_policy = policy
+            c.batch_size = (2**mid) * chips
+            rec = compile_for_slice(c, slice_name)
+            write(rec, sweep=True)
+            print(summary(rec), flush=True)
+            lo, hi = (mid, hi) if rec["fits"] else (lo, mid)
+        best[policy] = 2**lo if lo >= 0 else 0
+    return best
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    from absl import flags
+    from ml_collections import config_flags
+
+    def write(rec: dict, **extra: Any) -> None:
+        rec = public(rec)
+        rec["config"] = config_flags.get_config_filename(flags.FLAGS["config"])
+        rec["config_overrides"] = config_flags.get_override_values(flags.FLAGS["config"]) or None
+        rec["label"] = _LABEL.value
+        rec.update(extra)
+        out = Path(_OUT.value)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    config = _CONFIG.value
+    try:
+        if _SWEEP.value:
+            policies = [p.strip() for p in _POLICIES.value.split(",") if p.strip()]
+            best = sweep(config, _TOPOLOGY.value, policies, _MAX_PER_CHIP.value, write)
+            print(f"largest per-chip batch that fits {_TOPOLOGY.value}: " + ", ".join(
+                f"remat {p}: {b or 'none'}" for p, b in best.items()))  # fmt: skip
+            return
+        rec = compile_for_slice(config, _TOPOLOGY.value)
+    except (ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    if _HLO_OUT.value and rec["_compiled"] is not None:
+        Path(_HLO_OUT.value).write_text(rec["_compiled"].as_text())
+    write(rec)
+    print(summary(rec))
+    if not rec["fits"]:
+        print(not_fit_hint(rec), file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", str(REPO / "configs" / "dinov2_vitg14.py"), "Recipe file[:args]"
+    )
+    _TOPOLOGY = flags.DEFINE_string("topology", "v5p-8", "TPU slice, e.g. v5p-256, v6e-64, v5e-16")
+    _OUT = flags.DEFINE_string("out", str(REPO / "bench" / "results" / "compile_tpu.jsonl"), "")
+    _LABEL = flags.DEFINE_string("label", "", "free-form label stored with the result")
+    _HLO_OUT = flags.DEFINE_string("hlo_out", None, "write the optimized HLO text to this file")
+    _SWEEP = flags.DEFINE_bool(
+        "sweep", False, "per remat policy, the largest per-chip batch that fits"
+    )
+    _POLICIES = flags.DEFINE_string("sweep_policies", "none,full", "remat policies to sweep")
+    _MAX_PER_CHIP = flags.DEFINE_integer("sweep_max_per_chip", 128, "largest per-chip batch tried")
+    app.run(main)
