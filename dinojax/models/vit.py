@@ -248,23 +248,45 @@ def _ffn(p: dict, x: Array, cfg: ViTConfig, dtype) -> Array:
     return _dense(p["fc2"], h, dtype)
 
 
-def _drop_add_residual(x, residual_fn, rate, key, batch_subset):
+def _drop_add_residual(x, residual_fn, rate, key, batch_subset, groups: int = 1):
     """Residual add with stochastic depth (`dinov2/layers/block.py`; docs/parity.md "Stochastic
-    depth")."""
+    depth").
+
+    `groups`: the batch is `groups` equal per-device batches, as on the official code's GPUs, and
+    the batch subset is drawn in each of them (the official code draws it from each GPU's local
+    batch). One subset drawn from the global batch would gather it across the batch shards: the
+    TPU compiler showed every block all-reducing the subset's activations."""
     if batch_subset:
         # rate > 0.1: the residual is computed for a random subset of the batch only and added
         # back scaled by B / subset (drop_add_residual_stochastic_depth).
         b = x.shape[0]
-        keep = max(int(b * (1 - rate)), 1)
-        idx = jax.random.permutation(key, b)[:keep]
-        res = residual_fn(x[idx])
-        return x.at[idx].add((res * (b / keep)).astype(x.dtype))
+        if groups == 1:
+            keep = max(int(b * (1 - rate)), 1)
+            idx = jax.random.permutation(key, b)[:keep]
+            res = residual_fn(x[idx])
+            return x.at[idx].add((res * (b / keep)).astype(x.dtype))
+        if b % groups:
+            raise ValueError(f"batch {b} is not divisible into {groups} drop-path groups")
+        bg = b // groups
+        keep = max(int(bg * (1 - rate)), 1)
+        keys = jax.random.split(key, groups)
+        idx = jax.vmap(lambda k: jax.random.permutation(k, bg)[:keep])(keys)  # (groups, keep)
+        xg = with_logical_constraint(
+            x.reshape(groups, bg, *x.shape[1:]), ("batch", None, None, None)
+        )
+        sub = jax.vmap(lambda xi, i: xi[i])(xg, idx)
+        res = residual_fn(sub.reshape(groups * keep, *x.shape[1:]))
+        res = (res * (bg / keep)).astype(x.dtype).reshape(groups, keep, *x.shape[1:])
+        out = jax.vmap(lambda xi, i, r: xi.at[i].add(r))(xg, idx, res)
+        return out.reshape(x.shape)
     keep_prob = 1.0 - rate
     mask = jax.random.bernoulli(key, keep_prob, (x.shape[0], 1, 1))
     return x + residual_fn(x) * (mask.astype(x.dtype) / keep_prob).astype(x.dtype)
 
 
-def block_forward(p: dict, x: Array, cfg: ViTConfig, *, rate=0.0, key=None) -> Array:
+def block_forward(
+    p: dict, x: Array, cfg: ViTConfig, *, rate=0.0, key=None, drop_groups: int = 1
+) -> Array:
     """One pre-norm block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x)))."""
     dtype = x.dtype
     eps = cfg.layernorm_eps
@@ -286,8 +308,8 @@ def block_forward(p: dict, x: Array, cfg: ViTConfig, *, rate=0.0, key=None) -> A
         # `drop_path`).
         batch_subset = cfg.family == "dinov2" and isinstance(rate, float) and rate > 0.1
         k1, k2 = jax.random.split(key)
-        x = _drop_add_residual(x, attn_res, rate, k1, batch_subset)
-        x = _drop_add_residual(x, ffn_res, rate, k2, batch_subset)
+        x = _drop_add_residual(x, attn_res, rate, k1, batch_subset, drop_groups)
+        x = _drop_add_residual(x, ffn_res, rate, k2, batch_subset, drop_groups)
     return with_logical_constraint(x, ("batch", None, None))
 
 
@@ -305,9 +327,12 @@ def drop_path_rates(cfg: ViTConfig) -> list[float]:
     return [float(r) for r in np.linspace(0, cfg.drop_path_rate, cfg.depth)]
 
 
-def run_blocks(blocks: dict, x: Array, cfg: ViTConfig, start: int, stop: int, *, key=None) -> Array:
+def run_blocks(
+    blocks: dict, x: Array, cfg: ViTConfig, start: int, stop: int, *, key=None, drop_groups: int = 1
+) -> Array:
     """Blocks [start, stop) over stacked parameters: `lax.scan`, or a Python loop when per-layer
-    rates must be static (non-uniform batch-subset drop path) or `scan_layers=False`."""
+    rates must be static (non-uniform batch-subset drop path) or `scan_layers=False`.
+    `drop_groups`: per-device batches the batch-subset drop path draws in (`_drop_add_residual`)."""
     if stop <= start:
         return x
     rates = drop_path_rates(cfg)[start:stop]
@@ -319,7 +344,7 @@ def run_blocks(blocks: dict, x: Array, cfg: ViTConfig, start: int, stop: int, *,
         # batch-subset vs per-sample drop path, and sets the subset size). As an argument of
         # `jax.checkpoint` it would become a tracer and silently select the per-sample path.
         def body(h, p, k):
-            return block_forward(p, h, cfg, rate=rate, key=k)
+            return block_forward(p, h, cfg, rate=rate, key=k, drop_groups=drop_groups)
 
         if cfg.remat_policy != "none":
             body = jax.checkpoint(body, policy=_REMAT[cfg.remat_policy], prevent_cse=False)
@@ -514,13 +539,20 @@ class DinoVisionTransformer(nnx.Module):
     # -- public API ---------------------------------------------------------------------------
 
     def forward_features(
-        self, x: Array, masks: Array | None = None, *, key: Array | None = None
+        self,
+        x: Array,
+        masks: Array | None = None,
+        *,
+        key: Array | None = None,
+        drop_groups: int = 1,
     ) -> dict[str, Array]:
-        """Official `forward_features`. `key` enables stochastic depth (training)."""
+        """Official `forward_features`. `key` enables stochastic depth (training); `drop_groups`
+        splits the batch into that many per-device batches for the batch-subset drop path, as
+        the official code's GPUs each draw from their own batch."""
         params = self.params()
         cfg = self.cfg
         t = self.prepare_tokens(params, x, masks)
-        t = run_blocks(params["blocks"], t, cfg, 0, cfg.depth, key=key)
+        t = run_blocks(params["blocks"], t, cfg, 0, cfg.depth, key=key, drop_groups=drop_groups)
         n = layer_norm(params["norm"], t, cfg.layernorm_eps)
         r = cfg.num_register_tokens
         return {

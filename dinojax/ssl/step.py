@@ -425,11 +425,17 @@ def build_step_fn(config, mesh: Mesh, *, setup: StepSetup | None = None):
         def loss_fn(params):
             bb = graphs.module("backbone", params["backbone"])
             s_dino, s_ibot = heads_of(params)
-            s_g = bb.forward_features(g_img, masks, key=k_global if drop_path else None)
+            # the per-GPU groups of the official batch: the batch-subset drop path draws in each
+            # (and so stays inside its batch shard)
+            s_g = bb.forward_features(
+                g_img, masks, key=k_global if drop_path else None, drop_groups=n_shards
+            )
             s_g_cls = s_g["x_norm_clstoken"]
             s_local = None
             if n_local:
-                s_l = bb.forward_features(l_img, key=k_local if drop_path else None)
+                s_l = bb.forward_features(
+                    l_img, key=k_local if drop_path else None, drop_groups=n_shards
+                )
                 s_local = s_dino(s_l["x_norm_clstoken"])
             dino_local, dino_global = losses.dino_loss(
                 s_dino(s_g_cls), s_local, p_cls, student_temp=setup.student_temp

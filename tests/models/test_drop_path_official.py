@@ -139,11 +139,12 @@ def _run_ours(model, x, w_cls, w_patch, key, monkeypatch):
     draws: list[tuple[str, np.ndarray]] = []
     original = vit_module._drop_add_residual
 
-    def recording(h, residual_fn, rate, k, batch_subset):
+    def recording(h, residual_fn, rate, k, batch_subset, groups=1):
+        assert groups == 1  # one device's batch, as each official GPU draws from its own
         rows = _probe(original, k, rate, h.shape[0], batch_subset)
         store = lambda r, bs=batch_subset: draws.append(_decode(r, bs))  # noqa: E731
         jax.debug.callback(store, rows, ordered=True)
-        return original(h, residual_fn, rate, k, batch_subset)
+        return original(h, residual_fn, rate, k, batch_subset, groups)
 
     monkeypatch.setattr(vit_module, "_drop_add_residual", recording)
 

@@ -318,3 +318,25 @@ def test_padded_fused_attention_equals_plain_attention(n, dtype, tol):
     assert err(fused, plain) <= tol, err(fused, plain)
     if n_pad != n:  # the lengths really mask the padding
         assert err(unmasked, plain) >= 0.05, err(unmasked, plain)
+
+
+def test_batch_subset_drop_path_draws_in_each_group():
+    """`groups` > 1: each per-device batch gets its own subset of int(b_g (1 - rate)) rows, drawn
+    with its own key and scaled by b_g / keep, exactly as one-group drop path on that batch."""
+    x = jax.random.normal(jax.random.key(1), (12, 3, 4))
+    key, rate, groups = jax.random.key(7), 0.4, 3
+
+    def res(t):
+        return 2.0 * t + 1.0
+
+    got = _drop_add_residual(x, res, rate, key, True, groups)
+    keys = jax.random.split(key, groups)
+    want = jnp.concatenate(
+        [_drop_add_residual(x[4 * g : 4 * g + 4], res, rate, keys[g], True) for g in range(groups)]
+    )
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # int(4 * 0.6) = 2 rows of each group of 4 get the residual
+    changed = np.any(np.asarray(got) != np.asarray(x), axis=(1, 2)).reshape(groups, 4)
+    assert (changed.sum(axis=1) == 2).all()
+    with pytest.raises(ValueError, match="not divisible"):
+        _drop_add_residual(x[:10], res, rate, key, True, groups)
