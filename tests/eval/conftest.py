@@ -14,9 +14,9 @@ warnings.filterwarnings("ignore", message="xFormers not available")
 
 # `dinov2/eval/knn.py` and `linear.py` import, at module level, dinov2.data (the training data
 # stack), dinov2.eval.metrics / utils (torchmetrics), dinov2.eval.setup (omegaconf) and fvcore,
-# which the test extra does not install. `KnnModule` and `create_linear_input` use none of them, so those
-# imports are satisfied with inert placeholder modules while the official file is imported; the
-# classes and functions under test then run unmodified.
+# which the test extra does not install. `KnnModule` and `create_linear_input` use none of them,
+# so those imports are satisfied with inert placeholder modules while the official file is
+# imported; the classes and functions under test then run unmodified.
 _PLACEHOLDERS = (
     "dinov2.data",
     "dinov2.data.transforms",
