@@ -271,9 +271,7 @@ def _drop_add_residual(x, residual_fn, rate, key, batch_subset, groups: int = 1)
         keep = max(int(bg * (1 - rate)), 1)
         keys = jax.random.split(key, groups)
         idx = jax.vmap(lambda k: jax.random.permutation(k, bg)[:keep])(keys)  # (groups, keep)
-        xg = with_logical_constraint(
-            x.reshape(groups, bg, *x.shape[1:]), ("batch", None, None, None)
-        )
+        xg = x.reshape(groups, bg, *x.shape[1:])  # a batch-sharded x: one group per shard
         sub = jax.vmap(lambda xi, i: xi[i])(xg, idx)
         res = residual_fn(sub.reshape(groups * keep, *x.shape[1:]))
         res = (res * (bg / keep)).astype(x.dtype).reshape(groups, keep, *x.shape[1:])
