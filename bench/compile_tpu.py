@@ -153,11 +153,10 @@ def make_slice_mesh(config, s: Slice, devices: list):
 def batch_spec(config, mesh, process_count: int) -> dict:
     """The `ShapeDtypeStruct`s of one batch, as `DinoDataIterator.element_spec` gives them on a
     pod of `process_count` hosts (same shapes, dtypes, masked-token buffer and sharding)."""
-    import jax
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from dinojax.data.pipeline import _process_mask_upper_bound
+    from dinojax.data import pipeline
     from dinojax.sharding import batch_axes
     from dinojax.ssl import step as ssl_step
     from dinojax.train.data import data_config
@@ -167,31 +166,7 @@ def batch_spec(config, mesh, process_count: int) -> dict:
     sharding = NamedSharding(mesh, PartitionSpec(data_axes))
     n_shards = int(np.prod([mesh.shape[a] for a in data_axes]))
     dc = data_config(config, process_count, ssl_step.n_batch_shards(config, mesh))
-    a, b, P = dc.augment, dc.batch_size, process_count
-    k = max(1, n_shards // P)  # data shards per host
-    img = np.float32 if a.normalize else np.uint8
-    shapes = {
-        "global_crops": ((P * 2 * b, a.global_crops_size, a.global_crops_size, 3), img),
-        "local_crops": (
-            (P * a.local_crops_number * b, a.local_crops_size, a.local_crops_size, 3),
-            img,
-        ),
-        "labels": ((P * b,), np.int32),
-    }
-    if dc.masking is not None:
-        n_tokens = dc.masking.generator(a.global_crops_size).num_patches
-        upper = _process_mask_upper_bound(dc.masking, n_tokens, b, dc.mask_groups)
-        u = -(-upper // k) * k
-        shapes.update(
-            masks=((P * 2 * b, n_tokens), np.bool_),
-            mask_indices=((P * u,), np.int32),
-            masks_weight=((P * u,), np.float32),
-            n_masked=((P * k,), np.int32),
-        )
-    return {
-        key: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-        for key, (shape, dtype) in shapes.items()
-    }
+    return pipeline.batch_spec(dc, process_count, max(1, n_shards // process_count), sharding)
 
 
 def abstract_train_state(config, mesh, setup) -> tuple[dict, dict]:

@@ -282,6 +282,38 @@ class _Collate:
         return out
 
 
+def batch_spec(c, process_count: int, local_shards: int, sharding) -> dict[str, Any]:
+    """`jax.ShapeDtypeStruct`s of one global batch of the pipeline config `c` (`DataConfig`) on
+    `process_count` processes with `local_shards` batch shards each: what
+    `DinoDataIterator.element_spec` gives, also without a data source (deviceless compiles)."""
+    import jax
+
+    a, b, P, k = c.augment, c.batch_size, process_count, local_shards
+    img = np.float32 if a.normalize else np.uint8
+    shapes = {
+        "global_crops": ((P * 2 * b, a.global_crops_size, a.global_crops_size, 3), img),
+        "local_crops": (
+            (P * a.local_crops_number * b, a.local_crops_size, a.local_crops_size, 3),
+            img,
+        ),
+        "labels": ((P * b,), np.int32),
+    }
+    if c.masking is not None:
+        n_tokens = c.masking.generator(a.global_crops_size).num_patches
+        upper = _process_mask_upper_bound(c.masking, n_tokens, b, c.mask_groups)
+        u = -(-upper // k) * k  # the buffer splits evenly over the local shards
+        shapes.update(
+            masks=((P * 2 * b, n_tokens), np.bool_),
+            mask_indices=((P * u,), np.int32),
+            masks_weight=((P * u,), np.float32),
+            n_masked=((P * k,), np.int32),
+        )
+    return {
+        key: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+        for key, (shape, dtype) in shapes.items()
+    }
+
+
 def _process_mask_upper_bound(m: MaskingConfig, n_tokens: int, b: int, groups: int) -> int:
     return groups * mask_upper_bound(2 * (b // groups), n_tokens, m.mask_probability, m.mask_ratio)
 
@@ -523,32 +555,8 @@ class DinoDataIterator:
     @property
     def element_spec(self) -> dict[str, Any]:
         """`jax.ShapeDtypeStruct`s (with sharding) of every batch, to compile before data comes."""
-        import jax
-
-        pipe, c = self.pipeline, self.pipeline.config
-        a = c.augment
-        P, b, k = pipe.process_count, pipe.local_batch, self.local_shards
-        img = np.float32 if a.normalize else np.uint8
-        shapes = {
-            "global_crops": ((P * 2 * b, a.global_crops_size, a.global_crops_size, 3), img),
-            "local_crops": (
-                (P * a.local_crops_number * b, a.local_crops_size, a.local_crops_size, 3),
-                img,
-            ),
-            "labels": ((P * b,), np.int32),
-        }
-        if c.masking is not None:
-            u = -(-pipe.mask_upper_bound // k) * k
-            shapes.update(
-                masks=((P * 2 * b, pipe.n_tokens), np.bool_),
-                mask_indices=((P * u,), np.int32),
-                masks_weight=((P * u,), np.float32),
-                n_masked=((P * k,), np.int32),
-            )
-        return {
-            key: jax.ShapeDtypeStruct(shape, dtype, sharding=self.sharding)
-            for key, (shape, dtype) in shapes.items()
-        }
+        pipe = self.pipeline
+        return batch_spec(pipe.config, pipe.process_count, self.local_shards, self.sharding)
 
     # -- state ----------------------------------------------------------------------------------
     def get_state(self) -> dict[str, Any]:
