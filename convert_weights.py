@@ -4,11 +4,14 @@
     python convert_weights.py teacher_checkpoint.pth ckpt/ --arch dinov2_vitl14
     python convert_weights.py ckpt/ exported.pth [--format teacher]      # dinojax -> PyTorch
     python convert_weights.py ckpt/ model.safetensors --format hf        # -> Hugging Face names
+    python convert_weights.py dinov2_vits14_ade20k_ms_head.pth heads/ade20k_ms --arch dinov2_vits14
+    python convert_weights.py heads/ade20k_ms head.pth                   # dense head -> official
 
 The direction follows from the formats: a dinojax checkpoint directory as SRC exports it to an
 official `.pth` / `.safetensors` state dict; any other SRC is read as an official checkpoint
 (hub backbone, DINOv2 teacher_checkpoint.pth, DINO v1 training checkpoint, Hugging Face
-safetensors) and written as a dinojax checkpoint directory. On any error nothing is written.
+safetensors, a released segmentation / depth head) and written as a dinojax checkpoint
+directory. On any error nothing is written.
 """
 
 from __future__ import annotations
@@ -31,11 +34,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     args = ap.parse_args(argv)
 
+    from dinojax.convert import dense
     from dinojax.convert.backbone import ConversionError
     from dinojax.convert.checkpoint import META, convert, export
 
     try:
-        if (Path(args.src) / META).is_file():
+        if dense.is_head_dir(args.src):
+            meta = dense.export_head(args.src, args.dst, overwrite=args.overwrite)
+            print(f"wrote {args.dst} ({meta['task']} head {meta['head'].get('type', '')})")
+        elif dense.file_is_head(args.src):
+            meta = dense.convert_head(args.src, args.dst, arch=args.arch,
+                                      overwrite=args.overwrite)  # fmt: skip
+            print(f"wrote {args.dst}: {meta['task']} head {meta['head'].get('type', '')}"
+                  + (f" for {args.arch}" if args.arch else ""))  # fmt: skip
+        elif (Path(args.src) / META).is_file():
             export(args.src, args.dst, fmt=args.format, overwrite=args.overwrite)
             print(f"wrote {args.dst} ({args.format} format)")
         else:
