@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -130,7 +132,15 @@ def build_dense_tfds(
     builder = cls(
         root=root, task=task, options=options, data_dir=str(data_dir), file_format="array_record"
     )
-    builder.download_and_prepare()
+    out = Path(data_dir) / name
+    existed = out.exists()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:  # TFDS's (unused) downloads folder
+            builder.download_and_prepare(download_dir=tmp)
+    except BaseException:
+        if not existed:  # only TFDS's incomplete.* folder is there: leave nothing behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     return str(builder.data_path)
 
 
