@@ -272,3 +272,21 @@ def test_dense_source_specs():
         dense_source("digits:3", task="depth")
     with pytest.raises(ValueError, match="splits train, val, test; got 'dev'"):
         dense_source("digits:3", "dev")
+
+
+def test_scene_cache_returns_fresh_copies_and_pickles_empty():
+    import pickle
+
+    src = digit_scenes(3, size=32, seed=0)
+    assert src.cache  # small: cached by default
+    img, lab = src[1]
+    img[:] = 0
+    lab[:] = 7
+    again = src[1]
+    assert again[0].any() and not (again[1] == 7).all()
+    clone = pickle.loads(pickle.dumps(src))
+    assert clone._items == {}
+    np.testing.assert_array_equal(clone[1][0], again[0])
+    big = depth_scenes(10_000, size=224)
+    assert not big.cache
+    np.testing.assert_array_equal(depth_scenes(2, 32, cache=False)[1][1], depth_scenes(2, 32)[1][1])

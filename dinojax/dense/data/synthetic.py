@@ -12,7 +12,7 @@ their parameters, so any number of images costs no memory and grain workers rebu
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -79,6 +79,36 @@ def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return t.astype(np.float32)
 
 
+class _Cached:
+    """Keeps generated items (uint8 image + target) when `cache` is on, by default when the
+    whole dataset fits in ~50 M pixels (about 1,000 images of 224 x 224, 200-350 MB); pickles
+    without them (grain workers regenerate)."""
+
+    CACHE_PIXELS = 50_000_000
+
+    def _init_cache(self, cache: bool | None) -> None:
+        if cache is None:
+            cache = self.n * self.size[0] * self.size[1] <= self.CACHE_PIXELS
+        self.cache = bool(cache)
+        self._items: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        i = int(i)
+        item = self._items.get(i)
+        if item is None:
+            item = self._make(i)
+            if self.cache:
+                self._items[i] = item
+        if self.cache:  # callers own what they get: the cached arrays stay as generated
+            return item[0].copy(), item[1].copy()
+        return item
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_items"] = {}
+        return state
+
+
 @dataclass(frozen=True)
 class PastedDigit:
     """One digit of a scene: `index` into `sklearn.datasets.load_digits()`, its class, top-left
@@ -92,7 +122,7 @@ class PastedDigit:
     width: int
 
 
-class DigitScenes:
+class DigitScenes(_Cached):
     """Segmentation scenes of scikit-learn digits on textured backgrounds (see `digit_scenes`)."""
 
     num_classes = len(DIGIT_CLASSES)
@@ -108,6 +138,7 @@ class DigitScenes:
         digits_per_image: tuple[int, int] = (1, 4),
         scale: tuple[float, float] = (0.2, 0.5),
         colour_cue: bool = True,
+        cache: bool | None = None,
     ) -> None:
         if n < 1:
             raise ValueError(f"digit_scenes needs n >= 1 images, got {n}")
@@ -118,6 +149,7 @@ class DigitScenes:
             raise ValueError(f"scale must be (lo, hi) with 0 < lo <= hi <= 1, got {scale}")
         self.n, self.size, self.seed = n, _hw(size), seed
         self.digits_per_image, self.scale, self.colour_cue = (lo, hi), scale, colour_cue
+        self._init_cache(cache)
 
     def __len__(self) -> int:
         return self.n
@@ -144,8 +176,7 @@ class DigitScenes:
             out.append(PastedDigit(idx, int(targets[idx]), top, left, dh, dw))
         return out
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        i = int(i)
+    def _make(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         layout = self.layout(i)
         rng = np.random.default_rng([self.seed, i, 0xC010])
         images, _ = _digits()
@@ -231,12 +262,6 @@ class Sphere:
     colour: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
 
-@dataclass
-class _Hit:
-    t: np.ndarray
-    colour: np.ndarray = field(default=None)
-
-
 def _rays(camera: Camera, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     """Per pixel (centres at +0.5): the camera-frame direction with z = 1, and it in the world.
     With z = 1 the ray parameter t of a hit is the pixel's depth (camera z), not its range."""
@@ -255,6 +280,53 @@ def _shade(normal: np.ndarray, colour, pattern: np.ndarray) -> np.ndarray:
     return np.asarray(colour)[None] * ((0.65 + 0.35 * pattern) * lambert)[:, None]
 
 
+def _plane_coords(obj: Plane, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """In-plane coordinates of the points p: along the rectangle's axes, or two fixed axes."""
+    if obj.extent is not None:
+        rel = p - np.asarray(obj.centre)
+        return rel @ np.asarray(obj.axis_u), rel @ np.asarray(obj.axis_v)
+    n = np.asarray(obj.normal, np.float64)
+    u0 = np.cross(n, [0.0, 0.0, 1.0] if abs(n[2]) < 0.9 else [1.0, 0.0, 0.0])
+    u0 = u0 / np.linalg.norm(u0)
+    return p @ u0, p @ np.cross(n, u0)
+
+
+def _hit(obj, o: np.ndarray, dw: np.ndarray) -> np.ndarray:
+    """Ray parameter of each ray's first intersection with obj in front of the camera (inf if
+    none); with camera-z-normalised rays it is the depth."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if isinstance(obj, Plane):
+            n = np.asarray(obj.normal, np.float64)
+            denom = dw @ n
+            t = np.where(np.abs(denom) > 1e-12, (obj.offset - n @ o) / denom, np.inf)
+            if obj.extent is not None:
+                a, b = _plane_coords(obj, o + np.where(np.isfinite(t), t, 0)[:, None] * dw)
+                inside = (np.abs(a) <= obj.extent[0]) & (np.abs(b) <= obj.extent[1])
+                t = np.where(inside, t, np.inf)
+        else:  # |o + t d - c|^2 = r^2, the nearer root
+            oc = o - np.asarray(obj.centre, np.float64)
+            a = np.einsum("ij,ij->i", dw, dw)
+            b = 2 * dw @ oc
+            disc = b * b - 4 * a * (oc @ oc - obj.radius**2)
+            t = np.where(disc >= 0, (-b - np.sqrt(disc)) / (2 * a), np.inf)
+    return np.where(t > 1e-9, t, np.inf)
+
+
+def _colour(obj, o: np.ndarray, dw: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Shaded, textured colour of obj at the hits o + t dw."""
+    p = o + t[:, None] * dw
+    if isinstance(obj, Plane):
+        n = np.asarray(obj.normal, np.float64)
+        a, b = _plane_coords(obj, p)
+        pattern = ((np.floor(a / obj.pattern) + np.floor(b / obj.pattern)) % 2) * 0.6
+        pattern += 0.4 * (0.5 + 0.5 * np.sin(a * 7.1 + b * 3.3))
+        normal = np.where((dw @ n)[:, None] < 0, n[None], -n[None])  # the side facing the camera
+    else:
+        normal = (p - np.asarray(obj.centre)) / obj.radius
+        pattern = 0.5 + 0.5 * np.sin(8 * np.arctan2(normal[:, 0], normal[:, 2]))
+    return _shade(normal, obj.colour, pattern)
+
+
 def render_depth(
     camera: Camera, objects, size: int | tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -265,51 +337,22 @@ def render_depth(
     dw = dw.reshape(-1, 3)
     o = np.asarray(camera.position, np.float64)
     depth = np.full(h * w, np.inf)
-    img = np.tile(np.array([0.62, 0.75, 0.92]), (h * w, 1))  # sky
-    img *= (0.8 + 0.2 * np.linspace(0, 1, h)).repeat(w)[:, None]
-    for obj in objects:
-        if isinstance(obj, Plane):
-            n = np.asarray(obj.normal, np.float64)
-            denom = dw @ n
-            with np.errstate(divide="ignore", invalid="ignore"):
-                t = (obj.offset - n @ o) / denom
-            t = np.where(np.abs(denom) > 1e-12, t, np.inf)
-            p = o + t[:, None] * dw
-            if obj.extent is not None:
-                rel = p - np.asarray(obj.centre)
-                a = rel @ np.asarray(obj.axis_u)
-                b = rel @ np.asarray(obj.axis_v)
-                inside = (np.abs(a) <= obj.extent[0]) & (np.abs(b) <= obj.extent[1])
-                t = np.where(inside, t, np.inf)
-            else:  # unbounded: texture on two in-plane axes
-                u0 = np.cross(n, [0.0, 0.0, 1.0] if abs(n[2]) < 0.9 else [1.0, 0.0, 0.0])
-                u0 = u0 / np.linalg.norm(u0)
-                a, b = p @ u0, p @ np.cross(n, u0)
-            with np.errstate(invalid="ignore"):
-                pattern = ((np.floor(a / obj.pattern) + np.floor(b / obj.pattern)) % 2) * 0.6
-                pattern += 0.4 * (0.5 + 0.5 * np.sin(a * 7.1 + b * 3.3))
-            facing = np.where((dw @ n)[:, None] < 0, n[None], -n[None])
-            colour = _shade(facing, obj.colour, np.nan_to_num(pattern))
-        else:
-            c = np.asarray(obj.centre, np.float64)
-            oc = o - c
-            a = np.einsum("ij,ij->i", dw, dw)
-            b = 2 * dw @ oc
-            disc = b * b - 4 * a * (oc @ oc - obj.radius**2)
-            with np.errstate(invalid="ignore"):
-                t = np.where(disc >= 0, (-b - np.sqrt(disc)) / (2 * a), np.inf)
-            p = o + np.where(np.isfinite(t), t, 0)[:, None] * dw
-            normal = (p - c) / obj.radius
-            pattern = 0.5 + 0.5 * np.sin(8 * np.arctan2(normal[:, 0], normal[:, 2]))
-            colour = _shade(normal, obj.colour, pattern)
-        t = np.where(t > 1e-9, t, np.inf)
+    owner = np.full(h * w, -1)
+    for k, obj in enumerate(objects):
+        t = _hit(obj, o, dw)
         nearer = t < depth
         depth = np.where(nearer, t, depth)
-        img[nearer] = colour[nearer]
+        owner[nearer] = k
+    img = np.tile(np.array([0.62, 0.75, 0.92]), (h * w, 1))  # sky
+    img *= (0.8 + 0.2 * np.linspace(0, 1, h)).repeat(w)[:, None]
+    for k, obj in enumerate(objects):  # shade each pixel once, by the object it sees
+        sel = owner == k
+        if sel.any():
+            img[sel] = _colour(obj, o, dw[sel], depth[sel])
     return img.reshape(h, w, 3).astype(np.float32), depth.reshape(h, w)
 
 
-class DepthScenes:
+class DepthScenes(_Cached):
     """Rendered scenes with closed-form depth (see `depth_scenes`)."""
 
     def __init__(
@@ -320,6 +363,7 @@ class DepthScenes:
         *,
         depth_range: tuple[float, float] = (0.5, 10.0),
         fov: float = 65.0,
+        cache: bool | None = None,
     ) -> None:
         if n < 1:
             raise ValueError(f"depth_scenes needs n >= 1 images, got {n}")
@@ -332,6 +376,7 @@ class DepthScenes:
         self.fov = fov
         # horizontal field of view in degrees -> focal length in pixels
         self.focal = self.size[1] / 2 / np.tan(np.radians(fov) / 2)
+        self._init_cache(cache)
 
     def __len__(self) -> int:
         return self.n
@@ -397,8 +442,7 @@ class DepthScenes:
             )
         return cam, objs
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        i = int(i)
+    def _make(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         cam, objs = self.scene(i)
         img, depth = render_depth(cam, objs, self.size)
         rng = np.random.default_rng([self.seed, i, 0x1A6E])
