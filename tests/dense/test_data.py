@@ -290,3 +290,16 @@ def test_scene_cache_returns_fresh_copies_and_pickles_empty():
     big = depth_scenes(10_000, size=224)
     assert not big.cache
     np.testing.assert_array_equal(depth_scenes(2, 32, cache=False)[1][1], depth_scenes(2, 32)[1][1])
+
+
+def test_tfds_source_pickles_for_workers(tmp_path):
+    import pickle
+
+    from dinojax.dense.data import build_dense_tfds
+
+    root = _write_seg_folder(str(tmp_path / "ade"), splits=(None,), n=2)
+    build_dense_tfds(root, tmp_path / "tfds", "pick_ade", num_classes=6)
+    src = dense_source("tfds:pick_ade", data_dir=str(tmp_path / "tfds"))
+    clone = pickle.loads(pickle.dumps(src))
+    np.testing.assert_array_equal(clone[1][1], src[1][1])
+    assert clone.name(1) == "x1.jpg" and len(clone) == 2

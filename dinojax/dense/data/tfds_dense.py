@@ -200,9 +200,6 @@ class DenseTfdsSource:
         target = np.asarray(rec[self.target_key])
         return img, target.astype(np.uint8 if self.task == "seg" else np.float32)
 
-    def __getstate__(self):
-        return dict(self.__dict__)
-
     def __repr__(self) -> str:
         return f"DenseTfdsSource({self._tfds.name!r}, split={self._tfds.split!r}, {len(self)})"
 
