@@ -1,0 +1,319 @@
+"""Segmentation heads against the official semantics, on the official PyPI backbone.
+
+The torch reference below is written from the upstream code (mmseg / mmcv cannot be installed on
+current Python / torch):
+- backbone: the PyPI `dinov2` `vit_small` (hub keyword arguments, `reference.official_hub_vit`,
+  depth 4 as a test choice), random weights;
+- `center_padding`: facebookresearch/dinov2 `notebooks/semantic_segmentation.ipynb`
+  `CenterPadding`, a forward pre-hook of the backbone (so the decoder sees the unpadded size);
+- `RefBNHead`: `dinov2/eval/segmentation/models/decode_heads/linear_head.py` `BNHead`
+  (`_transform_inputs` "resize_concat" with mmseg's `resize` = F.interpolate, `bn`, then mmseg 0.27
+  `BaseDecodeHead.cls_seg` = `conv_seg`, dropout_ratio 0);
+- `encode_decode` / `slide_inference` / `aug_test`: mmseg 0.27
+  `mmseg/models/segmentors/encoder_decoder.py` `EncoderDecoder` (`inference` softmaxes and flips
+  back; `aug_test` averages). The ms views' image resize is mmcv's cv2 resize of the uint8
+  image in the real pipeline; both sides here resize the float image with F.interpolate
+  semantics instead (documented in docs/parity.md).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from reference import official_hub_vit
+
+from dinojax.convert import dense, dense_seg
+from dinojax.convert.backbone import ConversionError, from_official
+from dinojax.dense import segment
+from dinojax.eval.features import model_from_params
+from dinojax.models.config import get_config
+
+DEPTH = 4
+CFG = get_config("dinov2_vits14", depth=DEPTH)
+D = CFG.embed_dim
+# Measured max abs differences of the class scores (logits of order 1-10): linear whole 1.1e-5,
+# slide 9.5e-6, ms-head whole 1.3e-5, slide 1.2e-5; TTA probabilities 1.2e-7. Tolerance 1e-4
+# (the issue's bound; about 8x the measurement).
+ATOL = 1e-4
+
+
+# ------------------------------------------------------------------------------ torch reference
+
+
+def center_padding(x: torch.Tensor, multiple: int = 14) -> torch.Tensor:
+    def pad(n):
+        total = -(-n // multiple) * multiple - n
+        return total // 2, total - total // 2
+
+    (top, bottom), (left, right) = pad(x.shape[2]), pad(x.shape[3])
+    return F.pad(x, (left, right, top, bottom))
+
+
+class RefBNHead(torch.nn.Module):
+    def __init__(self, in_channels, num_classes):
+        super().__init__()
+        self.bn = torch.nn.BatchNorm2d(in_channels)  # SyncBatchNorm in eval = BatchNorm2d
+        self.conv_seg = torch.nn.Conv2d(in_channels, num_classes, 1)
+
+    def forward(self, inputs):
+        grid = inputs[0].shape[2:]
+        x = torch.cat([F.interpolate(t, size=grid, mode="bilinear", align_corners=False)
+                       for t in inputs], dim=1)  # fmt: skip
+        return self.conv_seg(self.bn(x))
+
+
+class RefSegmentor(torch.nn.Module):
+    def __init__(self, backbone, head, layers):
+        super().__init__()
+        self.backbone, self.decode_head, self.layers = backbone, head, layers
+
+    def encode_decode(self, img):
+        feats = self.backbone.get_intermediate_layers(center_padding(img), n=self.layers,
+                                                      reshape=True)  # fmt: skip
+        out = self.decode_head(list(feats))
+        return F.interpolate(out, size=img.shape[2:], mode="bilinear", align_corners=False)
+
+    def slide_inference(self, img, crop, stride):
+        b, _, h_img, w_img = img.shape
+        k = self.decode_head.conv_seg.out_channels
+        h_grids = max(h_img - crop + stride - 1, 0) // stride + 1
+        w_grids = max(w_img - crop + stride - 1, 0) // stride + 1
+        preds = img.new_zeros((b, k, h_img, w_img))
+        count = img.new_zeros((b, 1, h_img, w_img))
+        for h_idx in range(h_grids):
+            for w_idx in range(w_grids):
+                y1, x1 = h_idx * stride, w_idx * stride
+                y2, x2 = min(y1 + crop, h_img), min(x1 + crop, w_img)
+                y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
+                logit = self.encode_decode(img[:, :, y1:y2, x1:x2])
+                preds += F.pad(logit, (x1, w_img - x2, y1, h_img - y2))
+                count[:, :, y1:y2, x1:x2] += 1
+        assert (count == 0).sum() == 0
+        return preds / count
+
+    def inference(self, img, mode, crop, stride, ori_shape, flip):
+        logit = self.slide_inference(img, crop, stride) if mode == "slide" else (
+            self.encode_decode(img))  # fmt: skip
+        logit = F.interpolate(logit, size=ori_shape, mode="bilinear", align_corners=False)
+        out = F.softmax(logit, dim=1)
+        return out.flip(dims=(3,)) if flip else out
+
+    def aug_test(self, img, sizes, mode, crop, stride):
+        total, n = 0, 0
+        for size in sizes:
+            for flip in (False, True):
+                view = F.interpolate(img, size=size, mode="bilinear", align_corners=False)
+                view = view.flip(dims=(3,)) if flip else view
+                total = total + self.inference(view, mode, crop, stride, img.shape[2:], flip)
+                n += 1
+        return total / n
+
+
+# ------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def backbones():
+    ref = official_hub_vit("dinov2_vits14", seed=5, depth=DEPTH)
+    params = from_official({k: v.numpy() for k, v in ref.state_dict().items()}, CFG)
+    return ref, model_from_params(CFG, jax.tree.map(jnp.asarray, params))
+
+
+def random_head(kind: str, k: int, seed: int) -> RefBNHead:
+    c = D if kind == "linear" else 4 * D
+    g = torch.Generator().manual_seed(seed)
+    head = RefBNHead(c, k)
+    with torch.no_grad():  # non-trivial BN statistics and affine parameters
+        head.bn.weight.copy_(1 + 0.3 * torch.randn(c, generator=g))
+        head.bn.bias.copy_(0.2 * torch.randn(c, generator=g))
+        head.bn.running_mean.copy_(0.5 * torch.randn(c, generator=g))
+        head.bn.running_var.copy_(0.2 + torch.rand(c, generator=g) * 2)
+        head.bn.num_batches_tracked.fill_(40000)
+        head.conv_seg.weight.copy_(torch.randn(k, c, 1, 1, generator=g) / c**0.5)
+        head.conv_seg.bias.copy_(0.1 * torch.randn(k, generator=g))
+    return head.eval()
+
+
+def head_file(head: torch.nn.Module, path) -> str:
+    sd = {f"decode_head.{k}": v for k, v in head.state_dict().items()}
+    torch.save({"meta": {}, "state_dict": sd}, path)
+    return str(path)
+
+
+def one_device_mesh(n: int = 1):
+    return jax.make_mesh((n,), ("data",), devices=jax.devices()[:n],
+                         axis_types=(jax.sharding.AxisType.Auto,))  # fmt: skip
+
+
+def images(shape, seed):
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------ parity
+
+
+CASES = [  # (head, mode, size, batch): sizes that need padding, whole and slide, both head types
+    ("linear", "whole", (480, 640), 1),
+    ("linear", "slide", (480, 640), 1),
+    ("ms", "whole", (350, 500), 2),
+    ("ms", "slide", (350, 500), 2),
+]
+
+
+@pytest.mark.parametrize("kind,mode,size,batch", CASES,
+                         ids=["-".join(map(str, c[:2])) for c in CASES])  # fmt: skip
+def test_released_head_matches_official(backbones, tmp_path, kind, mode, size, batch):
+    ref_bb, ours = backbones
+    k = 150 if kind == "linear" else 21
+    head = random_head(kind, k, seed=len(kind) + batch)
+    layers = dense_seg.layers_for(kind, DEPTH)
+    x = images((batch, *size, 3), seed=batch)
+    ref = RefSegmentor(ref_bb, head, layers)
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        expect = (ref.slide_inference(xt, 512, 341) if mode == "slide"
+                  else ref.encode_decode(xt)).permute(0, 2, 3, 1).numpy()  # fmt: skip
+    seg = segment.load_segmenter(ours, head_file(head, tmp_path / "h.pth"),
+                                 mesh=one_device_mesh(batch))  # fmt: skip
+    assert seg.head_cfg["layers"] == layers and seg.head_cfg["type"] == kind
+    with jax.default_matmul_precision("highest"):
+        got = seg.predict(x, mode=mode)
+    assert got.shape == (batch, *size, k) and got.dtype == np.float32
+    err = np.abs(got - expect).max()
+    assert err < ATOL, err
+    assert (got.argmax(-1) == expect.argmax(-1)).mean() > 0.999
+
+
+def test_ms_test_time_augmentation_matches_aug_test(backbones, tmp_path):
+    """mode="ms": scales x flip views, softmax, mean (mmseg `aug_test`), slide inside each view,
+    at a small size (short side 56, two scales) to stay fast."""
+    ref_bb, ours = backbones
+    head = random_head("ms", 21, seed=9)
+    x = images((1, 60, 75, 3), seed=3)
+    scales, ms_size, crop, stride = (1.0, 1.32), 56, 64, 42
+    sizes = segment.ms_sizes(60, 75, scales, ms_size)
+    assert sizes == [(56, 70), (73, 92)]  # mmcv rescale_size: int(640 r) short side, +0.5 rounding
+    ref = RefSegmentor(ref_bb, head, dense_seg.layers_for("ms", DEPTH))
+    with torch.no_grad():
+        expect = ref.aug_test(torch.from_numpy(x).permute(0, 3, 1, 2), sizes, "slide", crop,
+                              stride).permute(0, 2, 3, 1).numpy()  # fmt: skip
+    seg = segment.load_segmenter(ours, head_file(head, tmp_path / "h.pth"), mesh=one_device_mesh())
+    with jax.default_matmul_precision("highest"):
+        got = seg.predict(x, mode="ms", scales=scales, ms_size=ms_size, crop_size=crop,
+                          stride=stride)  # fmt: skip
+    np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-5)
+    assert np.abs(got - expect).max() < 1e-5  # measured 1.2e-7 (probabilities)
+
+
+def test_probs_is_softmax_of_the_logits_and_sharding_is_transparent(backbones, tmp_path):
+    """3 images sharded over the 8 test devices (padded to 8) give what one device gives."""
+    _, ours = backbones
+    head = random_head("linear", 5, seed=1)
+    path = head_file(head, tmp_path / "h.pth")
+    x = (np.random.default_rng(0).uniform(0, 255, (3, 30, 44, 3))).astype(np.uint8)
+    one = segment.load_segmenter(ours, path, mesh=one_device_mesh())
+    many = segment.load_segmenter(ours, path)
+    assert many.mesh.size == jax.device_count() == 8
+    a = one.predict(x, mode="slide", crop_size=28, stride=14)
+    b = many.predict(x, mode="slide", crop_size=28, stride=14, batch_size=2)
+    np.testing.assert_allclose(a, b, atol=2e-5)
+    p = one.predict(x, mode="slide", crop_size=28, stride=14, probs=True)
+    np.testing.assert_allclose(p, np.asarray(jax.nn.softmax(a, -1)), atol=1e-6)
+    # uint8 input is normalised with the ImageNet mean / std
+    xf = (x.astype(np.float32) - np.float32(segment.IMAGENET_MEAN)) / np.float32(
+        segment.IMAGENET_STD)
+    np.testing.assert_allclose(one.predict(xf, mode="whole"), one.predict(x), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ converter
+
+
+@pytest.mark.parametrize("kind,arch,k", [("linear", "dinov2_vitb14", 150),
+                                         ("ms", "dinov2_vits14", 21)])  # fmt: skip
+def test_converter_round_trip_is_exact(tmp_path, kind, arch, k):
+    c = get_config(arch).embed_dim * (1 if kind == "linear" else 4)
+    g = torch.Generator().manual_seed(0)
+    sd = {
+        "decode_head.bn.weight": torch.randn(c, generator=g),
+        "decode_head.bn.bias": torch.randn(c, generator=g),
+        "decode_head.bn.running_mean": torch.randn(c, generator=g),
+        "decode_head.bn.running_var": torch.rand(c, generator=g),
+        "decode_head.bn.num_batches_tracked": torch.tensor(40000),
+        "decode_head.conv_seg.weight": torch.randn(k, c, 1, 1, generator=g),
+        "decode_head.conv_seg.bias": torch.randn(k, generator=g),
+    }
+    src = tmp_path / f"{arch}_{'ade20k' if k == 150 else 'voc2012'}_{kind}_head.pth"
+    torch.save({"meta": {"x": 1}, "state_dict": sd}, src)
+    meta = dense.convert_head(src, tmp_path / "dir")  # arch from the released file name
+    cfg = meta["head"]
+    assert meta["task"] == "segmentation" and cfg["type"] == kind and cfg["num_classes"] == k
+    assert cfg["dataset"] == ("ade20k" if k == 150 else "voc2012")
+    assert cfg["layers"] == ([11] if kind == "linear" else [8, 9, 10, 11])
+    dense.export_head(tmp_path / "dir", tmp_path / "back.pth")
+    back = torch.load(tmp_path / "back.pth", weights_only=True)["state_dict"]
+    assert set(back) == set(sd)
+    for key, v in sd.items():
+        assert back[key].dtype == v.dtype and torch.equal(back[key], v), key
+
+
+def _sd(c, k, **change):
+    sd = {f"decode_head.bn.{n}": np.ones(c, np.float32)
+          for n in ("weight", "bias", "running_mean", "running_var")}  # fmt: skip
+    sd["decode_head.bn.num_batches_tracked"] = np.array(7, np.int64)
+    sd["decode_head.conv_seg.weight"] = np.zeros((k, c, 1, 1), np.float32)
+    sd["decode_head.conv_seg.bias"] = np.zeros(k, np.float32)
+    for key, v in change.items():
+        key = "decode_head." + key.replace("__", ".")
+        if v is None:
+            sd.pop(key)
+        else:
+            sd[key] = v
+    return sd
+
+
+def test_converter_errors_are_one_line_naming_the_problem():
+    def err(sd, arch=None):
+        with pytest.raises(ConversionError) as e:
+            dense_seg.from_official(sd, arch)
+        msg = str(e.value)
+        assert "\n" not in msg
+        return msg
+
+    assert "bn.running_var" in err(_sd(384, 150, bn__running_var=None)) and "missing" in err(
+        _sd(384, 150, bn__running_var=None))
+    msg = err(_sd(384, 150, bn__extra=np.zeros(3, np.float32)))
+    assert "unexpected" in msg and "bn.extra" in msg
+    msg = err(_sd(384, 150, bn__bias=np.zeros(380, np.float32)))
+    assert "decode_head.bn.bias: got (380,), expected (384,)" in msg
+    # width 1536 = ViT-g linear or ViT-S ms: ambiguous without --arch, resolved with it
+    assert "--arch" in err(_sd(1536, 21))
+    assert dense_seg.from_official(_sd(1536, 21), "dinov2_vits14")[1]["type"] == "ms"
+    msg = err(_sd(768, 150), "dinov2_vits14")  # a ViT-B head on a ViT-S backbone
+    assert "dinov2_vitb14 linear" in msg and "dinov2_vits14" in msg
+    msg = err(_sd(384, 150), "dinov2_vits14_reg")  # released heads: no registers
+    assert "dinov2_vits14_reg" in msg and "non-register" in msg
+
+
+def test_head_backbone_mismatch_at_load_names_both(backbones, tmp_path):
+    _, ours = backbones
+    path = head_file(random_head("linear", 3, 0), tmp_path / "h.pth")
+    params, meta = dense.from_official(dense.read_file(path), arch="dinov2_vits14")
+    dense.save_head(tmp_path / "dir", params, meta)
+    from flax import nnx
+
+    from dinojax.models import create_model
+
+    wide = nnx.eval_shape(lambda: create_model("dinov2_vitb14", depth=2))  # shapes only
+    for head in (path, tmp_path / "dir"):
+        with pytest.raises(ConversionError, match="dinov2_vitb14") as e:
+            segment.load_segmenter(wide, head)
+        assert "\n" not in str(e.value)
+    # the converted directory says ViT-S layer 11; a depth-4 ViT-S has no block 11
+    with pytest.raises(ConversionError, match="depth 4"):
+        segment.load_segmenter(ours, tmp_path / "dir")
+    with pytest.raises(ValueError, match="NHWC"):
+        segment.load_segmenter(ours, path, mesh=one_device_mesh()).predict(np.zeros((2, 5, 5)))
