@@ -198,7 +198,7 @@ def test_ms_test_time_augmentation_matches_aug_test(backbones, tmp_path):
     x = images((1, 60, 75, 3), seed=3)
     assert segment.ms_sizes(60, 75, (1.0, 1.32), 56) == [(56, 70), (73, 91)]
     scales, ms_size, crop, stride = (1.32,), 56, 64, 42  # one scale x flip: 2 views, 2 x 2 windows
-    sizes = segment.ms_sizes(60, 75, scales, ms_size)  # mmcv rescale_size: int(640 r) short side, +0.5 rounding
+    sizes = segment.ms_sizes(60, 75, scales, ms_size)  # mmcv rescale_size arithmetic
     ref = RefSegmentor(ref_bb, head, dense_seg.layers_for("ms", DEPTH))
     with torch.no_grad():
         expect = ref.aug_test(torch.from_numpy(x).permute(0, 3, 1, 2), sizes, "slide", crop,
@@ -232,7 +232,8 @@ def test_probs_is_softmax_of_the_logits_and_sharding_is_transparent(tmp_path):
     np.testing.assert_allclose(p, np.asarray(jax.nn.softmax(a, -1)), atol=1e-6)
     # uint8 input is normalised with the ImageNet mean / std
     xf = (x.astype(np.float32) - np.float32(segment.IMAGENET_MEAN)) / np.float32(
-        segment.IMAGENET_STD)
+        segment.IMAGENET_STD
+    )
     np.testing.assert_allclose(one.predict(xf, mode="whole"), one.predict(x), atol=1e-6)
     assert one.segment(x).shape == (3, 30, 44)
 
@@ -292,7 +293,8 @@ def test_converter_errors_are_one_line_naming_the_problem():
         return msg
 
     assert "bn.running_var" in err(_sd(384, 150, bn__running_var=None)) and "missing" in err(
-        _sd(384, 150, bn__running_var=None))
+        _sd(384, 150, bn__running_var=None)
+    )
     msg = err(_sd(384, 150, bn__extra=np.zeros(3, np.float32)))
     assert "unexpected" in msg and "bn.extra" in msg
     msg = err(_sd(384, 150, bn__bias=np.zeros(380, np.float32)))
