@@ -401,5 +401,9 @@ def load_segmenter(
     (head directory or official `.pth`) -> `Segmenter`. `overrides` change backbone run-time
     fields, e.g. dtype="bfloat16"."""
     model = load_backbone(backbone, arch=arch, **overrides)
+    if overrides and not isinstance(backbone, (str, os.PathLike)):  # a model object: rebuild it
+        from dinojax.eval.features import model_from_params
+
+        model = model_from_params(model.cfg.replace(**overrides), model.params())
     params, head_cfg = load_head_for(head, model.cfg)
     return Segmenter(model, params, head_cfg, mesh=mesh)

@@ -236,6 +236,11 @@ def test_probs_is_softmax_of_the_logits_and_sharding_is_transparent(tmp_path):
     )
     np.testing.assert_allclose(one.predict(xf, mode="whole"), one.predict(x), atol=1e-6)
     assert one.segment(x).shape == (3, 30, 44)
+    # bf16 backbone: same shapes, float32 scores, nearly the same classes
+    bf = segment.load_segmenter(ours, path, mesh=one_device_mesh(), dtype="bfloat16")
+    assert bf.model.cfg.dtype == "bfloat16"
+    c = bf.predict(x, mode="slide", crop_size=28, stride=14)
+    assert c.dtype == np.float32 and (c.argmax(-1) == a.argmax(-1)).mean() > 0.9
 
 
 # ------------------------------------------------------------------------------ converter
