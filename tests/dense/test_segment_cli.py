@@ -92,3 +92,32 @@ def test_bad_input_is_one_error_line(backbone_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("error: no such image") and "\n" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_convert_weights_cli_round_trip(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("convert_weights", root / "convert_weights.py")
+    cw = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cw)
+    g = torch.Generator().manual_seed(3)
+    c, k = 4 * 384, 150  # ambiguous width (ViT-g linear or ViT-S ms): --arch decides
+    sd = {"decode_head.bn.weight": torch.randn(c, generator=g), "decode_head.bn.bias":
+          torch.randn(c, generator=g), "decode_head.bn.running_mean": torch.randn(c, generator=g),
+          "decode_head.bn.running_var": torch.rand(c, generator=g),
+          "decode_head.bn.num_batches_tracked": torch.tensor(80000),
+          "decode_head.conv_seg.weight": torch.randn(k, c, 1, 1, generator=g),
+          "decode_head.conv_seg.bias": torch.randn(k, generator=g)}  # fmt: skip
+    torch.save({"state_dict": sd}, tmp_path / "head.pth")
+    assert cw.main([str(tmp_path / "head.pth"), str(tmp_path / "d")]) != 0
+    err = capsys.readouterr().err
+    assert "--arch" in err and not (tmp_path / "d").exists()
+    src, dst = str(tmp_path / "head.pth"), str(tmp_path / "d")
+    assert cw.main([src, dst, "--arch", "dinov2_vits14"]) == 0
+    meta = json.loads((tmp_path / "d" / "dinojax.json").read_text())
+    assert meta["head"]["type"] == "ms" and meta["head"]["layers"] == [8, 9, 10, 11]
+    assert cw.main([str(tmp_path / "d"), str(tmp_path / "back.pth")]) == 0
+    back = torch.load(tmp_path / "back.pth", weights_only=True)["state_dict"]
+    assert all(torch.equal(back[n], v) for n, v in sd.items()) and set(back) == set(sd)
