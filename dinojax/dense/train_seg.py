@@ -91,6 +91,11 @@ class SegTrainConfig:
     seed: int = 0
 
     def __post_init__(self):
+        # Lists (JSON, argparse) become tuples: the config is a static argument of the jitted step.
+        for name in ("betas", "scale", "ratio_range", "layers", "eval_resize"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
         for name in ("iters", "batch_size", "crop_size", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
