@@ -387,6 +387,10 @@ def load_head_for(head, cfg) -> tuple[dict, dict]:
             raise ConversionError(f"{path} is a {meta['task']} head, not a segmentation head")
         check_head(meta["head"], cfg, source=f"segmentation head {path}")
         return params, meta["head"]
+    named = dense.arch_from_name(path)  # a released file names its backbone
+    if named and cfg.name != "custom" and named != cfg.name:
+        raise ConversionError(f"segmentation head {path.name} is for {named}, the backbone is "
+                              f"{cfg.name}")  # fmt: skip
     sd = dense.head_state_dict(read_file(path))
     if not dense_seg.detect(sd):
         raise ConversionError(f"{path} is not a segmentation head (no decode_head.conv_seg)")

@@ -289,6 +289,10 @@ def _sd(c, k, **change):
     return sd
 
 
+def _torch_sd(c, k):
+    return {k_: torch.from_numpy(v) for k_, v in _sd(c, k).items()}
+
+
 def test_converter_errors_are_one_line_naming_the_problem():
     def err(sd, arch=None):
         with pytest.raises(ConversionError) as e:
@@ -327,6 +331,18 @@ def test_head_backbone_mismatch_at_load_names_both(backbones, tmp_path):
         with pytest.raises(ConversionError, match="dinov2_vitb14") as e:
             segment.load_segmenter(wide, head)
         assert "\n" not in str(e.value)
+    # a released file names its backbone: a ViT-g linear head (1536) is not a ViT-S ms head
+    torch.save(
+        {"state_dict": _torch_sd(1536, 150)}, tmp_path / "dinov2_vitg14_ade20k_linear_head.pth"
+    )
+    small = nnx.eval_shape(lambda: create_model("dinov2_vits14", depth=12))
+    with pytest.raises(
+        ConversionError, match="is for dinov2_vitg14, the backbone is dinov2_vits14"
+    ):
+        segment.load_segmenter(small, tmp_path / "dinov2_vitg14_ade20k_linear_head.pth")
+    reg = nnx.eval_shape(lambda: create_model("dinov2_vits14_reg", depth=12))
+    with pytest.raises(ConversionError, match="non-register.*dinov2_vits14_reg"):
+        segment.load_segmenter(reg, path)
     # the converted directory says ViT-S layer 11; a depth-4 ViT-S has no block 11
     with pytest.raises(ConversionError, match="depth 4"):
         segment.load_segmenter(ours, tmp_path / "dir")
