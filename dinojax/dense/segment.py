@@ -221,6 +221,21 @@ def _run_view(graphdef, view: _View, state, head: dict, x: Array) -> Array:
     return out
 
 
+def global_array(x: np.ndarray, sharding) -> Array:
+    """A batch every process holds in full -> one global array laid out by `sharding` (each
+    device takes its rows; with several processes each fills only its own devices)."""
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def host_array(x: Array) -> np.ndarray:
+    """The whole of a (possibly multi-host) sharded array on every host."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 @jax.jit
 def _accumulate(total, x):
     return total + x
@@ -331,14 +346,14 @@ class Segmenter:
             m = len(chunk)
             if m < gb:
                 chunk = np.concatenate([chunk, np.zeros((gb - m, *chunk.shape[1:]), np.float32)])
-            xg = jax.device_put(chunk, sharding)
+            xg = global_array(chunk, sharding)
             total = None
             for view in views:
                 y = _run_view(self._graphdef, view, self._state, self._head, xg)
                 total = y if total is None else _accumulate(total, y)
             if len(views) > 1:
                 total = total / len(views)
-            out[start : start + m] = np.asarray(total)[:m]
+            out[start : start + m] = host_array(total)[:m]
         return out
 
     def segment(self, images, **kw) -> np.ndarray:

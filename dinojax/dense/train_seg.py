@@ -45,7 +45,7 @@ from jax.sharding import Mesh
 from dinojax.dense.common import center_pad, load_backbone, resize_bilinear
 from dinojax.dense.seg_augment import SegTrainTransform
 from dinojax.dense.seg_metrics import SegMetrics
-from dinojax.dense.segment import BNHead, Segmenter, seg_features
+from dinojax.dense.segment import BNHead, Segmenter, global_array, seg_features
 
 __all__ = [
     "SegTrainConfig",
@@ -221,8 +221,8 @@ def evaluate_segmentation(
     source,
     *,
     mode: str = "slide",
-    crop_size: int = 512,
-    stride: int = 341,
+    crop_size: int | None = None,
+    stride: int | None = None,
     resize: tuple[int, int] | None = (2048, 512),
     batch_size: int = 8,
     max_items: int | None = None,
@@ -231,7 +231,8 @@ def evaluate_segmentation(
     **predict_kw: Any,
 ) -> dict:
     """mIoU / aAcc / per-class IoU of a segmenter over a labelled source (consecutive images of
-    the same size run as one batch). `mode` "ms" runs the test-time augmentation."""
+    the same size run as one batch). `mode` "ms" runs the test-time augmentation; crop_size /
+    stride default to `Segmenter.predict`'s (512 / 341; ms 640 / 426)."""
     from tqdm.auto import tqdm
 
     n = len(source) if max_items is None else min(max_items, len(source))
@@ -362,7 +363,7 @@ def train_seg_head(
         items = list(items)
         x = np.stack([a for a, _ in items])
         y = np.stack([b for _, b in items])
-        return jax.device_put(x, sharding), jax.device_put(y, sharding)
+        return global_array(x, sharding), global_array(y, sharding)
 
     def current_head():
         tree = jax.tree.map(np.asarray, _join_head(params, stats))

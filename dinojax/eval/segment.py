@@ -224,12 +224,8 @@ def _evaluate(args) -> int:
     data = resolve_source(args.data, args.split, args.data_dir)
     seg = _segmenter(args)
     kw = _predict_kw(args)
-    res = evaluate_segmentation(
-        seg, data, max_items=args.max_items, progress=not args.no_progress,
-        **{k: v for k, v in kw.items() if k not in ("crop_size", "stride")},
-        crop_size=args.crop_size or (640 if args.mode == "ms" else 512),
-        stride=args.stride or (426 if args.mode == "ms" else 341),
-    )  # fmt: skip
+    res = evaluate_segmentation(seg, data, max_items=args.max_items,
+                                progress=not args.no_progress, **kw)  # fmt: skip
     print(f"mIoU {res['mIoU']:.2f}  aAcc {res['aAcc']:.2f}  mAcc {res['mAcc']:.2f}")
     if args.output:
         cli.write_json(args.output, {"segmentation": res, "args": vars(args)})
