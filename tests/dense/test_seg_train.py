@@ -69,7 +69,7 @@ def test_loss_ignores_255_and_averages_over_all_pixels():
     logits = jnp.asarray(np.random.default_rng(0).normal(size=(1, 2, 2, 3)), jnp.float32)
     labels = jnp.asarray([[[0, 255], [2, 1]]])
     t = torch.from_numpy(np.array(logits)).permute(0, 3, 1, 2)
-    lab = torch.from_numpy(np.asarray(labels)).long()
+    lab = torch.from_numpy(np.array(labels)).long()
     per_pixel = torch.nn.functional.cross_entropy(t, lab, ignore_index=255, reduction="none")
     got = train_seg.seg_loss(logits, labels)
     assert float(got) == pytest.approx(float(per_pixel.mean()), rel=1e-6)  # avg over 4 pixels
