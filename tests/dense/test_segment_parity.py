@@ -1,20 +1,7 @@
-"""Segmentation heads against the official semantics, on the official PyPI backbone.
-
-The torch reference below is written from the upstream code (mmseg / mmcv cannot be installed on
-current Python / torch):
-- backbone: the PyPI `dinov2` `vit_small` (hub keyword arguments, `reference.official_hub_vit`,
-  depth 4 as a test choice), random weights;
-- `center_padding`: facebookresearch/dinov2 `notebooks/semantic_segmentation.ipynb`
-  `CenterPadding`, a forward pre-hook of the backbone (so the decoder sees the unpadded size);
-- `RefBNHead`: `dinov2/eval/segmentation/models/decode_heads/linear_head.py` `BNHead`
-  (`_transform_inputs` "resize_concat" with mmseg's `resize` = F.interpolate, `bn`, then mmseg 0.27
-  `BaseDecodeHead.cls_seg` = `conv_seg`, dropout_ratio 0);
-- `encode_decode` / `slide_inference` / `aug_test`: mmseg 0.27
-  `mmseg/models/segmentors/encoder_decoder.py` `EncoderDecoder` (`inference` softmaxes and flips
-  back; `aug_test` averages). The ms views' image resize is mmcv's cv2 resize of the uint8
-  image in the real pipeline; both sides here resize the float image with F.interpolate
-  semantics instead (documented in docs/parity.md).
-"""
+"""Segmentation heads against the official semantics (`reference_seg`: a torch transcription of
+dinov2's `BNHead` / `CenterPadding` and mmseg 0.27's `EncoderDecoder`) on the official PyPI backbone
+(`vit_small` with the hub keyword arguments, `reference.official_hub_vit`, depth 4 as a test
+choice, random weights), plus the converter and bad input."""
 
 from __future__ import annotations
 
@@ -23,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from reference import official_hub_vit
+from reference_seg import RefBNHead, RefSegmentor, head_file, random_head
 
 from dinojax.convert import dense, dense_seg
 from dinojax.convert.backbone import ConversionError, from_official
@@ -41,78 +28,6 @@ D = CFG.embed_dim
 ATOL = 1.5e-5
 
 
-# ------------------------------------------------------------------------------ torch reference
-
-
-def center_padding(x: torch.Tensor, multiple: int = 14) -> torch.Tensor:
-    def pad(n):
-        total = -(-n // multiple) * multiple - n
-        return total // 2, total - total // 2
-
-    (top, bottom), (left, right) = pad(x.shape[2]), pad(x.shape[3])
-    return F.pad(x, (left, right, top, bottom))
-
-
-class RefBNHead(torch.nn.Module):
-    def __init__(self, in_channels, num_classes):
-        super().__init__()
-        self.bn = torch.nn.BatchNorm2d(in_channels)  # SyncBatchNorm in eval = BatchNorm2d
-        self.conv_seg = torch.nn.Conv2d(in_channels, num_classes, 1)
-
-    def forward(self, inputs):
-        grid = inputs[0].shape[2:]
-        x = torch.cat([F.interpolate(t, size=grid, mode="bilinear", align_corners=False)
-                       for t in inputs], dim=1)  # fmt: skip
-        return self.conv_seg(self.bn(x))
-
-
-class RefSegmentor(torch.nn.Module):
-    def __init__(self, backbone, head, layers):
-        super().__init__()
-        self.backbone, self.decode_head, self.layers = backbone, head, layers
-
-    def encode_decode(self, img):
-        feats = self.backbone.get_intermediate_layers(center_padding(img), n=self.layers,
-                                                      reshape=True)  # fmt: skip
-        out = self.decode_head(list(feats))
-        return F.interpolate(out, size=img.shape[2:], mode="bilinear", align_corners=False)
-
-    def slide_inference(self, img, crop, stride):
-        b, _, h_img, w_img = img.shape
-        k = self.decode_head.conv_seg.out_channels
-        h_grids = max(h_img - crop + stride - 1, 0) // stride + 1
-        w_grids = max(w_img - crop + stride - 1, 0) // stride + 1
-        preds = img.new_zeros((b, k, h_img, w_img))
-        count = img.new_zeros((b, 1, h_img, w_img))
-        for h_idx in range(h_grids):
-            for w_idx in range(w_grids):
-                y1, x1 = h_idx * stride, w_idx * stride
-                y2, x2 = min(y1 + crop, h_img), min(x1 + crop, w_img)
-                y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
-                logit = self.encode_decode(img[:, :, y1:y2, x1:x2])
-                preds += F.pad(logit, (x1, w_img - x2, y1, h_img - y2))
-                count[:, :, y1:y2, x1:x2] += 1
-        assert (count == 0).sum() == 0
-        return preds / count
-
-    def inference(self, img, mode, crop, stride, ori_shape, flip):
-        logit = self.slide_inference(img, crop, stride) if mode == "slide" else (
-            self.encode_decode(img))  # fmt: skip
-        logit = F.interpolate(logit, size=ori_shape, mode="bilinear", align_corners=False)
-        out = F.softmax(logit, dim=1)
-        return out.flip(dims=(3,)) if flip else out
-
-    def aug_test(self, img, sizes, mode, crop, stride):
-        total, n = 0, 0
-        for size in sizes:
-            for flip in (False, True):
-                view = F.interpolate(img, size=size, mode="bilinear", align_corners=False)
-                view = view.flip(dims=(3,)) if flip else view
-                total = total + self.inference(view, mode, crop, stride, img.shape[2:], flip)
-                n += 1
-        return total / n
-
-
 # ------------------------------------------------------------------------------ fixtures
 
 
@@ -121,27 +36,6 @@ def backbones():
     ref = official_hub_vit("dinov2_vits14", seed=5, depth=DEPTH)
     params = from_official({k: v.numpy() for k, v in ref.state_dict().items()}, CFG)
     return ref, model_from_params(CFG, jax.tree.map(jnp.asarray, params))
-
-
-def random_head(kind: str, k: int, seed: int) -> RefBNHead:
-    c = D if kind == "linear" else 4 * D
-    g = torch.Generator().manual_seed(seed)
-    head = RefBNHead(c, k)
-    with torch.no_grad():  # non-trivial BN statistics and affine parameters
-        head.bn.weight.copy_(1 + 0.3 * torch.randn(c, generator=g))
-        head.bn.bias.copy_(0.2 * torch.randn(c, generator=g))
-        head.bn.running_mean.copy_(0.5 * torch.randn(c, generator=g))
-        head.bn.running_var.copy_(0.2 + torch.rand(c, generator=g) * 2)
-        head.bn.num_batches_tracked.fill_(40000)
-        head.conv_seg.weight.copy_(torch.randn(k, c, 1, 1, generator=g) / c**0.5)
-        head.conv_seg.bias.copy_(0.1 * torch.randn(k, generator=g))
-    return head.eval()
-
-
-def head_file(head: torch.nn.Module, path) -> str:
-    sd = {f"decode_head.{k}": v for k, v in head.state_dict().items()}
-    torch.save({"meta": {}, "state_dict": sd}, path)
-    return str(path)
 
 
 def one_device_mesh(n: int = 1):
@@ -171,7 +65,7 @@ def test_released_head_matches_official(backbones, tmp_path, kind, mode, size, b
                                         stride):  # fmt: skip
     ref_bb, ours = backbones
     k = 150 if kind == "linear" else 21
-    head = random_head(kind, k, seed=len(kind) + batch)
+    head = random_head(kind, k, len(kind) + batch, D)
     layers = dense_seg.layers_for(kind, DEPTH)
     x = images((batch, *size, 3), seed=batch)
     ref = RefSegmentor(ref_bb, head, layers)
@@ -194,7 +88,7 @@ def test_ms_test_time_augmentation_matches_aug_test(backbones, tmp_path):
     """mode="ms": scales x flip views, softmax, mean (mmseg `aug_test`), slide inside each view,
     at a small size (short side 56, two scales) to stay fast."""
     ref_bb, ours = backbones
-    head = random_head("ms", 21, seed=9)
+    head = random_head("ms", 21, 9, D)
     x = images((1, 60, 75, 3), seed=3)
     assert segment.ms_sizes(60, 75, (1.0, 1.32), 56) == [(56, 70), (73, 91)]
     scales, ms_size, crop, stride = (1.32,), 56, 64, 42  # one scale x flip: 2 views, 2 x 2 windows
@@ -319,7 +213,7 @@ def test_converter_errors_are_one_line_naming_the_problem():
 
 def test_head_backbone_mismatch_at_load_names_both(backbones, tmp_path):
     _, ours = backbones
-    path = head_file(random_head("linear", 3, 0), tmp_path / "h.pth")
+    path = head_file(random_head("linear", 3, 0, D), tmp_path / "h.pth")
     params, meta = dense.from_official(dense.read_file(path), arch="dinov2_vits14")
     dense.save_head(tmp_path / "dir", params, meta)
     from flax import nnx
