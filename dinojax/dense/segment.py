@@ -242,7 +242,13 @@ def _accumulate(total, x):
 
 
 def normalize_images(images) -> np.ndarray:
-    """uint8 RGB 0-255 -> normalised float32 (ImageNet mean / std); float input as is."""
+    """uint8 RGB 0-255 -> normalised float32 (ImageNet mean / std); float input as is. One
+    (H, W, 3) image is a batch of one."""
+    if isinstance(images, (list, tuple)):
+        shapes = sorted({np.shape(im) for im in images})
+        if len(shapes) > 1:
+            raise ValueError(f"images of different sizes {shapes[:3]} in one batch: call predict "
+                             "once per size (or per image)")  # fmt: skip
     x = np.asarray(images)
     if x.ndim == 3:
         x = x[None]
