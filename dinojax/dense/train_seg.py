@@ -30,6 +30,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -268,6 +269,10 @@ def evaluate_segmentation(
 # ---------------------------------------------------------------------------------------------
 
 
+def _jsonable(cfg: SegTrainConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples -> lists, as read back
+
+
 def _log(path: Path | None, record: dict) -> None:
     if path is not None:
         with path.open("a") as f:
@@ -286,6 +291,7 @@ def train_seg_head(
     progress: bool = True,
     num_workers: int | None = None,
     overwrite: bool = False,
+    resume: bool = False,
     **config: Any,
 ) -> dict:
     """Train a linear segmentation head on the frozen `backbone` (a model, checkpoint
@@ -293,8 +299,11 @@ def train_seg_head(
     `SegTrainConfig` field (defaults = the official protocol).
 
     Writes to `output_dir` (if given): `head/` (head directory, loadable by `load_segmenter`,
-    exportable with `convert_weights.py`), `metrics.jsonl` (loss / lr every `log_every` steps,
-    evaluations), `results.json`. Returns {"head", "head_cfg", "losses", "eval", "output_dir"}.
+    exportable with `convert_weights.py`) and `train_state/` (optimiser state, for `resume`)
+    every `checkpoint_every` steps and at the end, `metrics.jsonl` (loss / lr every `log_every`
+    steps, evaluations), `results.json`. `resume=True` continues from `train_state/` with the
+    same configuration; batches depend on (seed, step) only, so a resumed run equals an
+    uninterrupted one. Returns {"head", "head_cfg", "losses", "eval", "output_dir"}.
     """
     from tqdm.auto import tqdm
 
@@ -307,7 +316,10 @@ def train_seg_head(
     if len(train_source) == 0:
         raise ValueError("the training source is empty")
     out = Path(output_dir) if output_dir is not None else None
-    if out is not None:
+    if resume and (out is None or not (out / "train_state").is_dir()):
+        raise ValueError(f"nothing to resume: no {out}/train_state (written every "
+                         "checkpoint_every steps)")  # fmt: skip
+    if out is not None and not resume:
         if out.exists() and any(out.iterdir()) and not overwrite:
             raise ValueError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
         out.mkdir(parents=True, exist_ok=True)
@@ -345,8 +357,6 @@ def train_seg_head(
         cat_max_ratio=cfg.cat_max_ratio, flip_prob=cfg.flip_prob, photometric=cfg.photometric,
         ignore_index=cfg.ignore_index,
     )  # fmt: skip
-    seeds = np.random.SeedSequence(cfg.seed)
-    pick = np.random.default_rng(seeds.spawn(1)[0])
     n_src = len(train_source)
 
     def sample(args):
@@ -355,7 +365,8 @@ def train_seg_head(
         return transform(image, label, np.random.default_rng(seed))
 
     def load_batch(pool, step):
-        idx = pick.integers(0, n_src, gb)
+        # Everything random in a batch comes from (seed, step): a resumed run draws the same.
+        idx = np.random.default_rng([cfg.seed, step, 1]).integers(0, n_src, gb)
         rngs = [s.generate_state(2) for s in np.random.SeedSequence([cfg.seed, step]).spawn(gb)]
         return pool.map(sample, list(zip(idx, rngs)))
 
@@ -380,9 +391,26 @@ def train_seg_head(
         _log(log_path, {"step": step, "eval": res})
         return res
 
+    def save_state(step):
+        # Optimiser state and statistics for `resume`, as numbered leaves (their tree structure
+        # is rebuilt from a fresh optimiser), replaced atomically.
+        import orbax.checkpoint as ocp
+
+        leaves = jax.tree.leaves((params, opt_state, stats))
+        tmp, dst = out / ".train_state.tmp", out / "train_state"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(tmp.absolute() / "state", {str(i): np.asarray(v) for i, v in enumerate(leaves)})
+        ckptr.wait_until_finished()
+        (tmp / "step.json").write_text(json.dumps({"step": step, "config": _jsonable(cfg)}))
+        shutil.rmtree(dst, ignore_errors=True)
+        os.replace(tmp, dst)
+
     def save(step):
         if out is None:
             return
+        save_state(step)
         tree, hc = current_head()
         meta = {"format": dense.FORMAT, "version": dense.VERSION, "task": "segmentation",
                 "head": hc, "backbone_arch": head_cfg["backbone"],
@@ -393,14 +421,31 @@ def train_seg_head(
     losses: list[float] = []
     evals: dict[int, dict] = {}
     step_done = 0
+    if resume:
+        import orbax.checkpoint as ocp
+
+        info = json.loads((out / "train_state" / "step.json").read_text())
+        changed = sorted(k for k, v in _jsonable(cfg).items() if info["config"].get(k) != v)
+        if changed:
+            raise ValueError(f"cannot resume {out}: the configuration differs in {changed}")
+        leaves, treedef = jax.tree.flatten((params, opt_state, stats))
+        target = {str(i): jax.ShapeDtypeStruct(v.shape, v.dtype) for i, v in enumerate(leaves)}
+        restored = ocp.StandardCheckpointer().restore(
+            (out / "train_state" / "state").absolute(), target)  # fmt: skip
+        params, opt_state, stats = _place_state(
+            jax.tree.unflatten(treedef, [restored[str(i)] for i in range(len(leaves))]), mesh
+        )
+        step_done = int(info["step"])
+        _log(log_path, {"step": step_done, "resumed": True})
     eps = float(head_cfg["bn_eps"])
     workers = num_workers or min(8, (os.cpu_count() or 2) * 2)
     t0 = time.time()
-    bar = tqdm(total=cfg.iters, desc="seg head", unit="it", disable=not progress)
+    start = step_done
+    bar = tqdm(total=cfg.iters, initial=start, desc="seg head", unit="it", disable=not progress)
     try:
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            nxt = load_batch(pool, 0)
-            for step in range(cfg.iters):
+            nxt = load_batch(pool, start) if start < cfg.iters else None
+            for step in range(start, cfg.iters):
                 x, y = to_device(nxt)
                 if step + 1 < cfg.iters:
                     nxt = load_batch(pool, step + 1)  # augment the next batch meanwhile

@@ -91,6 +91,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="K (default: the dataset's num_classes)")  # fmt: skip
     tr.add_argument("--out", required=True, help="run directory (head/, metrics.jsonl)")
     tr.add_argument("--overwrite", action="store_true")
+    tr.add_argument("--resume", action="store_true", help="continue from OUT/train_state")
     g = tr.add_argument_group("protocol (defaults: the official linear configs)")
     g.add_argument("--iters", type=int, default=_DEFAULTS.iters)
     g.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size)
@@ -200,7 +201,8 @@ def _train(args) -> int:
     res = train_seg_head(
         backbone, train, int(k), val_source=val, output_dir=args.out,
         class_names=getattr(train, "class_names", None), progress=not args.no_progress,
-        overwrite=args.overwrite, iters=args.iters, batch_size=args.batch_size, lr=args.lr,
+        overwrite=args.overwrite, resume=args.resume, iters=args.iters,
+        batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup_iters=args.warmup_iters, crop_size=args.crop_size,
         scale=tuple(args.scale), ratio_range=tuple(args.ratio_range),
         cat_max_ratio=args.cat_max_ratio, photometric=not args.no_photometric,

@@ -3,8 +3,10 @@ tiny end-to-end training run whose head round-trips through the official layout.
 
 from __future__ import annotations
 
+import itertools
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -189,3 +191,36 @@ def test_bad_labels_name_the_sample(tiny_backbone, tmp_path):
     with pytest.raises(ValueError, match="out of range"):
         train_seg.train_seg_head(tiny_backbone, Stripes(3), 3, layers=(0, 5), iters=1,
                                  progress=False, **SMALL)  # fmt: skip
+
+
+class Crashing(Stripes):
+    """Stripes that fail once `limit` samples have been read (an interrupted run)."""
+
+    def __init__(self, n, limit):
+        super().__init__(n)
+        self.reads, self.limit = itertools.count(), limit
+
+    def __getitem__(self, i):
+        if next(self.reads) >= self.limit:
+            raise RuntimeError("interrupted")
+        return super().__getitem__(i)
+
+
+@pytest.mark.slow  # three short runs, three compilations: ~50 s on a loaded 2-core machine
+def test_resume_equals_an_uninterrupted_run(tiny_backbone, tmp_path):
+    kw = dict(iters=4, checkpoint_every=2, progress=False, **{**SMALL, "log_every": 2})
+    full = train_seg.train_seg_head(tiny_backbone, Stripes(8), 3, output_dir=tmp_path / "a", **kw)
+    # 1 read for the up-front check + 2 batches of 8: the third batch fails after the step-2
+    # checkpoint
+    with pytest.raises(RuntimeError, match="interrupted"):
+        train_seg.train_seg_head(tiny_backbone, Crashing(8, 17), 3, output_dir=tmp_path / "b",
+                                 **kw)  # fmt: skip
+    assert json.loads((tmp_path / "b" / "train_state" / "step.json").read_text())["step"] == 2
+    with pytest.raises(ValueError, match=r"differs in \['lr'\]"):
+        train_seg.train_seg_head(tiny_backbone, Stripes(8), 3, output_dir=tmp_path / "b",
+                                 resume=True, **{**kw, "lr": 0.5})  # fmt: skip
+    resumed = train_seg.train_seg_head(tiny_backbone, Stripes(8), 3, output_dir=tmp_path / "b",
+                                       resume=True, **kw)  # fmt: skip
+    for a, b in zip(jax.tree.leaves(full["head"]), jax.tree.leaves(resumed["head"])):
+        np.testing.assert_array_equal(a, b)
+    assert resumed["head_cfg"]["num_batches_tracked"] == 4
