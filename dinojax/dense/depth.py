@@ -70,14 +70,15 @@ def _linear(p: dict, x: Array) -> Array:
 
 def torch_linspace(start: float, end: float, steps: int) -> np.ndarray:
     """`torch.linspace(start, end, steps)` in float32, bit for bit: the CPU kernel fills the first
-    half as start + i * step and the second half as end - (steps - 1 - i) * step."""
+    half as start + i * step and the second half as end - (steps - 1 - i) * step, each one fused
+    multiply-add in float32 (emulated in float64, where a float32 step times an index is exact)."""
     start, end = np.float32(start), np.float32(end)
     if steps == 1:
         return np.array([start], np.float32)
-    step = np.float32((end - start) / np.float32(steps - 1))
-    i = np.arange(steps)
-    first = start + step * i.astype(np.float32)
-    second = end - step * (steps - 1 - i).astype(np.float32)
+    step = np.float64(np.float32((end - start) / np.float32(steps - 1)))
+    i = np.arange(steps, dtype=np.float64)
+    first = step * i + np.float64(start)
+    second = np.float64(end) - step * (steps - 1 - i)
     return np.where(i < steps // 2, first, second).astype(np.float32)
 
 
