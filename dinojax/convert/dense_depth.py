@@ -37,8 +37,7 @@ DPT_CHANNELS = 256
 # dinov2/hub/depthers.py: `out_index` of the 4-layer heads (linear4, DPT) per backbone size; the
 # 1-layer linear head reads the last block. Keyed by embed_dim (S/B/L/g = 384/768/1024/1536).
 WIDTH_DEPTH = {384: 12, 768: 12, 1024: 24, 1536: 40}
-OUT_INDEX_4 = {384: [2, 5, 8, 11], 768: [2, 5, 8, 11], 1024: [4, 11, 17, 23],
-               1536: [9, 19, 29, 39]}  # fmt: skip
+OUT_INDEX_4 = {384: [2, 5, 8, 11], 768: [2, 5, 8, 11], 1024: [4, 11, 17, 23], 1536: [9, 19, 29, 39]}
 # The released checkpoints' training sets (`depthers.py` `_get_depth_range`).
 DATASET_RANGES = {"nyu": (0.001, 10.0), "kitti": (0.001, 80.0)}
 TYPES = ("linear", "linear4", "dpt")
@@ -161,21 +160,33 @@ def _arch_config(arch: str):
         raise ConversionError(f"--arch {arch!r}: {e}") from None
 
 
-def check_backbone(head_cfg: dict, *, embed_dim: int, num_register_tokens: int, depth: int,
-                   head_name: str, backbone_name: str) -> None:  # fmt: skip
+def check_backbone(
+    head_cfg: dict,
+    *,
+    embed_dim: int,
+    num_register_tokens: int,
+    depth: int,
+    head_name: str,
+    backbone_name: str,
+) -> None:
     """One line naming both when a head cannot run on a backbone (width, registers, blocks)."""
     what = f"depth head {head_name} ({head_cfg['type']}, width {head_cfg['embed_dim']}"
     if int(head_cfg["embed_dim"]) != int(embed_dim):
-        raise ConversionError(f"{what}) does not match backbone {backbone_name} (width "
-                              f"{embed_dim})")  # fmt: skip
+        raise ConversionError(
+            f"{what}) does not match backbone {backbone_name} (width {embed_dim})"
+        )
     regs = int(head_cfg.get("num_register_tokens", 0))
     if regs != int(num_register_tokens):
         released = " (the released depth heads are for non-register backbones)" if not regs else ""
-        raise ConversionError(f"{what}, {regs} registers) does not match backbone "
-                              f"{backbone_name} ({num_register_tokens} registers){released}")  # fmt: skip
+        raise ConversionError(
+            f"{what}, {regs} registers) does not match backbone "
+            f"{backbone_name} ({num_register_tokens} registers){released}"
+        )
     if max(head_cfg["out_index"]) >= depth:
-        raise ConversionError(f"{what}, reads blocks {head_cfg['out_index']}) does not match "
-                              f"backbone {backbone_name} ({depth} blocks)")  # fmt: skip
+        raise ConversionError(
+            f"{what}, reads blocks {head_cfg['out_index']}) does not match "
+            f"backbone {backbone_name} ({depth} blocks)"
+        )
 
 
 def _name_hints(name: str | None) -> tuple[str | None, str | None]:
@@ -194,21 +205,30 @@ def _linear_type(c: int, arch_cfg, type_hint: str | None, name: str) -> tuple[st
         for t, layers in (("linear", 1), ("linear4", 4)):
             if c == 2 * d * layers:
                 return t, d
-        raise ConversionError(f"depth head {name} (conv_depth input {c} channels) does not match "
-                              f"backbone {arch_cfg.name} (width {d}: expected {2 * d} for a linear "
-                              f"or {8 * d} for a linear4 head)")  # fmt: skip
-    cands = [(t, c // (2 * n)) for t, n in (("linear", 1), ("linear4", 4))
-             if c % (2 * n) == 0 and c // (2 * n) in WIDTH_DEPTH]  # fmt: skip
+        raise ConversionError(
+            f"depth head {name} (conv_depth input {c} channels) does not match "
+            f"backbone {arch_cfg.name} (width {d}: expected {2 * d} for a linear "
+            f"or {8 * d} for a linear4 head)"
+        )
+    cands = [
+        (t, c // (2 * n))
+        for t, n in (("linear", 1), ("linear4", 4))
+        if c % (2 * n) == 0 and c // (2 * n) in WIDTH_DEPTH
+    ]
     if type_hint in ("linear", "linear4"):
         cands = [x for x in cands if x[0] == type_hint]
     if len(cands) == 1:
         return cands[0]
     if not cands:
-        raise ConversionError(f"depth head {name}: conv_depth input of {c} channels fits no "
-                              "released backbone width (384/768/1024/1536): pass --arch")  # fmt: skip
-    raise ConversionError(f"depth head {name}: conv_depth input of {c} channels is a linear head "
-                          f"of width {cands[0][1]} or a linear4 head of width {cands[1][1]}: pass "
-                          "--arch (e.g. dinov2_vits14)")  # fmt: skip
+        raise ConversionError(
+            f"depth head {name}: conv_depth input of {c} channels fits no "
+            "released backbone width (384/768/1024/1536): pass --arch"
+        )
+    raise ConversionError(
+        f"depth head {name}: conv_depth input of {c} channels is a linear head "
+        f"of width {cands[0][1]} or a linear4 head of width {cands[1][1]}: pass "
+        "--arch (e.g. dinov2_vits14)"
+    )
 
 
 def _infer_cfg(sd: dict, arch: str | None, name: str | None) -> dict:
@@ -218,17 +238,21 @@ def _infer_cfg(sd: dict, arch: str | None, name: str | None) -> dict:
     w = sd.get(PREFIX + "conv_depth.weight")
     if w is not None:  # BNHead
         if w.ndim != 4 or w.shape[2:] != (1, 1):
-            raise ConversionError(f"depth head {label}: decode_head.conv_depth.weight has shape "
-                                  f"{tuple(w.shape)}, expected (256, C, 1, 1)")  # fmt: skip
+            raise ConversionError(
+                f"depth head {label}: decode_head.conv_depth.weight has shape "
+                f"{tuple(w.shape)}, expected (256, C, 1, 1)"
+            )
         kind, d = _linear_type(int(w.shape[1]), arch_cfg, type_hint, label)
         cfg = {"type": kind, "embed_dim": d, "n_bins": int(w.shape[0])}
     else:
         key = PREFIX + "reassemble_blocks.readout_projects.0.0.weight"
         if key not in sd:
             found = sorted({".".join(k.split(".")[:3]) for k in sd})[:6]
-            raise ConversionError(f"depth head {label}: neither a linear head "
-                                  "(decode_head.conv_depth.weight) nor a DPT head "
-                                  f"({key}); found {found}")  # fmt: skip
+            raise ConversionError(
+                f"depth head {label}: neither a linear head "
+                "(decode_head.conv_depth.weight) nor a DPT head "
+                f"({key}); found {found}"
+            )
         d = int(sd[key].shape[0])
         post = []
         for i in range(4):
@@ -240,27 +264,34 @@ def _infer_cfg(sd: dict, arch: str | None, name: str | None) -> dict:
         ch = int(sd[k].shape[0]) if k in sd else DPT_CHANNELS
         cfg = {"type": "dpt", "embed_dim": d, "channels": ch, "post_process_channels": post}
         if arch_cfg is not None and arch_cfg.embed_dim != d:
-            raise ConversionError(f"depth head {label} (dpt, width {d}) does not match backbone "
-                                  f"{arch_cfg.name} (width {arch_cfg.embed_dim})")  # fmt: skip
+            raise ConversionError(
+                f"depth head {label} (dpt, width {d}) does not match backbone "
+                f"{arch_cfg.name} (width {arch_cfg.embed_dim})"
+            )
     d = cfg["embed_dim"]
     if arch_cfg is not None:
         depth = arch_cfg.depth
         if arch_cfg.num_register_tokens:
-            raise ConversionError(f"depth head {label} ({cfg['type']}) was released for "
-                                  f"non-register backbones, not {arch_cfg.name} "
-                                  f"({arch_cfg.num_register_tokens} registers)")  # fmt: skip
+            raise ConversionError(
+                f"depth head {label} ({cfg['type']}) was released for "
+                f"non-register backbones, not {arch_cfg.name} "
+                f"({arch_cfg.num_register_tokens} registers)"
+            )
     elif d in WIDTH_DEPTH:
         depth = WIDTH_DEPTH[d]
     else:
-        raise ConversionError(f"depth head {label}: width {d} is no released backbone's: pass "
-                              "--arch to say which blocks it reads")  # fmt: skip
+        raise ConversionError(
+            f"depth head {label}: width {d} is no released backbone's: pass "
+            "--arch to say which blocks it reads"
+        )
     if cfg["type"] == "linear":
         cfg["out_index"] = [depth - 1]
     elif d in OUT_INDEX_4 and depth == WIDTH_DEPTH[d]:
         cfg["out_index"] = list(OUT_INDEX_4[d])
     else:
-        raise ConversionError(f"depth head {label}: no released 4-layer indices for width {d} and "
-                              f"{depth} blocks")  # fmt: skip
+        raise ConversionError(
+            f"depth head {label}: no released 4-layer indices for width {d} and {depth} blocks"
+        )
     lo, hi = DATASET_RANGES.get(dataset, (None, None))
     cfg.update(dataset=dataset, min_depth=lo, max_depth=hi, num_register_tokens=0)
     return cfg
@@ -273,17 +304,24 @@ def _check_keys(sd: dict, head_cfg: dict, label: str) -> None:
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing {missing[:5]}" + (f" (+{len(missing) - 5})" if len(missing) > 5
-                                                      else ""))  # fmt: skip
+            parts.append(
+                f"missing {missing[:5]}" + (f" (+{len(missing) - 5})" if len(missing) > 5 else "")
+            )
         if unexpected:
-            parts.append(f"unexpected {unexpected[:5]}"
-                         + (f" (+{len(unexpected) - 5})" if len(unexpected) > 5 else ""))  # fmt: skip
+            parts.append(
+                f"unexpected {unexpected[:5]}"
+                + (f" (+{len(unexpected) - 5})" if len(unexpected) > 5 else "")
+            )
         raise ConversionError(f"depth head {label} ({head_cfg['type']}): " + "; ".join(parts))
-    bad = [f"{k} {tuple(sd[k].shape)} (expected {want[k]})" for k in sorted(want)
-           if tuple(sd[k].shape) != want[k]]  # fmt: skip
+    bad = [
+        f"{k} {tuple(sd[k].shape)} (expected {want[k]})"
+        for k in sorted(want)
+        if tuple(sd[k].shape) != want[k]
+    ]
     if bad:
-        raise ConversionError(f"depth head {label} ({head_cfg['type']}): mis-shaped "
-                              + ", ".join(bad[:4]))  # fmt: skip
+        raise ConversionError(
+            f"depth head {label} ({head_cfg['type']}): mis-shaped " + ", ".join(bad[:4])
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,8 +349,10 @@ def to_official(params: dict, head_cfg: dict) -> dict:
         except KeyError:
             raise ConversionError(f"depth head params have no {'.'.join(_path(k))}") from None
         if a.shape != jax_shape(k, shape):
-            raise ConversionError(f"depth head param {'.'.join(_path(k))} has shape {a.shape}, "
-                                  f"expected {jax_shape(k, shape)}")  # fmt: skip
+            raise ConversionError(
+                f"depth head param {'.'.join(_path(k))} has shape {a.shape}, "
+                f"expected {jax_shape(k, shape)}"
+            )
         out[k] = np.ascontiguousarray(_to_torch(k, a))
     return out
 

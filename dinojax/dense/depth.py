@@ -35,8 +35,16 @@ from dinojax.dense.common import center_pad, load_backbone, resize_bilinear
 
 Array = jax.Array
 
-__all__ = ["DepthHead", "Depther", "depth_forward", "head_forward", "init_head_params",
-           "linear_head_config", "load_depther", "torch_linspace"]  # fmt: skip
+__all__ = [
+    "DepthHead",
+    "Depther",
+    "depth_forward",
+    "head_forward",
+    "init_head_params",
+    "linear_head_config",
+    "load_depther",
+    "torch_linspace",
+]
 
 HUB_LINEAR_RANGE = (0.001, 80.0)  # dinov2/hub/depthers.py `_make_dinov2_linear_depth_head`
 
@@ -49,9 +57,12 @@ HUB_LINEAR_RANGE = (0.001, 80.0)  # dinov2/hub/depthers.py `_make_dinov2_linear_
 def _conv(p: dict, x: Array, *, stride: int = 1, padding: int = 0) -> Array:
     """`nn.Conv2d` (zero padding)."""
     y = jax.lax.conv_general_dilated(
-        x, p["kernel"].astype(x.dtype), (stride, stride), [(padding, padding)] * 2,
+        x,
+        p["kernel"].astype(x.dtype),
+        (stride, stride),
+        [(padding, padding)] * 2,
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    )  # fmt: skip
+    )
     return y + p["bias"].astype(x.dtype) if "bias" in p else y
 
 
@@ -176,8 +187,9 @@ def head_forward(params: dict, head_cfg: dict, feats, min_depth: float, max_dept
     return _decode_bins(logits, min_depth, max_depth)
 
 
-def depth_forward(backbone, params: dict, head_cfg: dict, x: Array, min_depth: float,
-                  max_depth: float) -> Array:  # fmt: skip
+def depth_forward(
+    backbone, params: dict, head_cfg: dict, x: Array, min_depth: float, max_depth: float
+) -> Array:
     """`DepthEncoderDecoder.encode_decode(img, None)` on normalised NHWC images -> (B, H, W)."""
     h, w = x.shape[1:3]
     xp = center_pad(x, backbone.cfg.patch_size)
@@ -189,15 +201,28 @@ def depth_forward(backbone, params: dict, head_cfg: dict, x: Array, min_depth: f
     return resize_bilinear(out, (h, w), align_corners=False)[..., 0]
 
 
-def linear_head_config(embed_dim: int, out_index, *, min_depth: float, max_depth: float,
-                       num_register_tokens: int = 0, dataset: str | None = None,
-                       n_bins: int = 256) -> dict:  # fmt: skip
+def linear_head_config(
+    embed_dim: int,
+    out_index,
+    *,
+    min_depth: float,
+    max_depth: float,
+    num_register_tokens: int = 0,
+    dataset: str | None = None,
+    n_bins: int = 256,
+) -> dict:
     """Config of a linear head (1 block: "linear", 4 blocks: "linear4", else "linear")."""
     out_index = sorted(int(i) for i in out_index)
-    return {"type": "linear4" if len(out_index) == 4 else "linear", "embed_dim": int(embed_dim),
-            "n_bins": int(n_bins), "out_index": out_index, "dataset": dataset,
-            "min_depth": float(min_depth), "max_depth": float(max_depth),
-            "num_register_tokens": int(num_register_tokens)}  # fmt: skip
+    return {
+        "type": "linear4" if len(out_index) == 4 else "linear",
+        "embed_dim": int(embed_dim),
+        "n_bins": int(n_bins),
+        "out_index": out_index,
+        "dataset": dataset,
+        "min_depth": float(min_depth),
+        "max_depth": float(max_depth),
+        "num_register_tokens": int(num_register_tokens),
+    }
 
 
 def init_head_params(head_cfg: dict, seed: int = 0) -> dict:
@@ -212,8 +237,9 @@ def init_head_params(head_cfg: dict, seed: int = 0) -> dict:
         w = shapes[k[: -len("bias")] + "weight"] if k.endswith("bias") else shape
         fan_in = int(np.prod(w[1:]))
         bound = 1.0 / math.sqrt(fan_in)
-        val = jax.random.uniform(jax.random.fold_in(key, i), jax_shape(k, shape), jnp.float32,
-                                 -bound, bound)  # fmt: skip
+        val = jax.random.uniform(
+            jax.random.fold_in(key, i), jax_shape(k, shape), jnp.float32, -bound, bound
+        )
         _set(tree, _path(k), np.asarray(val))
     del _get
     return tree
@@ -268,8 +294,9 @@ class _DepthFn:
     def __call__(self, bundle, x):
         cfg = dict(self.head_items)
         cfg["out_index"] = list(cfg["out_index"])
-        y = depth_forward(bundle.backbone, bundle.head.params(), cfg, x, self.min_depth,
-                          self.max_depth)  # fmt: skip
+        y = depth_forward(
+            bundle.backbone, bundle.head.params(), cfg, x, self.min_depth, self.max_depth
+        )
         return {"depth": y.astype(jnp.float32)}
 
 
@@ -284,12 +311,13 @@ class Depther:
     hub's `make_depth_transform`), floating arrays are taken as already normalised (the layout
     the backbone takes). Any H, W (CenterPadding to a multiple of the patch size)."""
 
-    def __init__(self, backbone, head: DepthHead, *, min_depth: float, max_depth: float,
-                 mesh=None):  # fmt: skip
+    def __init__(self, backbone, head: DepthHead, *, min_depth: float, max_depth: float, mesh=None):
         from dinojax.eval.features import _place_state, batch_sharding, default_mesh
 
         if not (0 <= min_depth < max_depth):
-            raise ValueError(f"depth range must satisfy 0 <= min < max, got {min_depth}-{max_depth}")
+            raise ValueError(
+                f"depth range must satisfy 0 <= min < max, got {min_depth}-{max_depth}"
+            )
         self.backbone, self.head = backbone, head
         self.head_cfg = head.head_cfg
         self.min_depth, self.max_depth = float(min_depth), float(max_depth)
@@ -339,9 +367,15 @@ class Depther:
         return np.concatenate(outs)
 
 
-def resolve_range(head_cfg: dict, *, dataset: str | None = None, min_depth: float | None = None,
-                  max_depth: float | None = None, linear_range: str = "dataset",
-                  name: str = "head") -> tuple[float, float]:  # fmt: skip
+def resolve_range(
+    head_cfg: dict,
+    *,
+    dataset: str | None = None,
+    min_depth: float | None = None,
+    max_depth: float | None = None,
+    linear_range: str = "dataset",
+    name: str = "head",
+) -> tuple[float, float]:
     """The (min, max) depth a head decodes over: explicit values, else the dataset's, else the head
     config's; `linear_range="hub"` gives the hub's 0.001-80 m for linear heads."""
     if linear_range not in ("dataset", "hub"):
@@ -354,17 +388,26 @@ def resolve_range(head_cfg: dict, *, dataset: str | None = None, min_depth: floa
     lo = lo if min_depth is None else min_depth
     hi = hi if max_depth is None else max_depth
     if lo is None or hi is None:
-        raise ValueError(f"the depth range of {name} is unknown (its file name names neither nyu "
-                         "nor kitti): pass dataset='nyu' or 'kitti' (--dataset), or min_depth and "
-                         "max_depth")  # fmt: skip
+        raise ValueError(
+            f"the depth range of {name} is unknown (its file name names neither nyu "
+            "nor kitti): pass dataset='nyu' or 'kitti' (--dataset), or min_depth and "
+            "max_depth"
+        )
     return float(lo), float(hi)
 
 
 def load_depther(
-    backbone, head, *, arch: str | None = None, dataset: str | None = None,
-    min_depth: float | None = None, max_depth: float | None = None,
-    linear_range: str = "dataset", dtype: str = "float32", mesh=None,
-) -> Depther:  # fmt: skip
+    backbone,
+    head,
+    *,
+    arch: str | None = None,
+    dataset: str | None = None,
+    min_depth: float | None = None,
+    max_depth: float | None = None,
+    linear_range: str = "dataset",
+    dtype: str = "float32",
+    mesh=None,
+) -> Depther:
     """Backbone (checkpoint dir, hub name, official file or a `DinoVisionTransformer`) + depth
     head (head directory or released `.pth`) -> `Depther`.
 
@@ -386,11 +429,22 @@ def load_depther(
     if meta["task"] != "depth":
         raise ConversionError(f"{head} is a {meta['task']} head, not a depth head")
     head_cfg = meta["head"]
-    check_backbone(head_cfg, embed_dim=model.cfg.embed_dim,
-                   num_register_tokens=model.cfg.num_register_tokens, depth=model.cfg.depth,
-                   head_name=str(head), backbone_name=bname)  # fmt: skip
-    lo, hi = resolve_range(head_cfg, dataset=dataset, min_depth=min_depth, max_depth=max_depth,
-                           linear_range=linear_range, name=str(head))  # fmt: skip
+    check_backbone(
+        head_cfg,
+        embed_dim=model.cfg.embed_dim,
+        num_register_tokens=model.cfg.num_register_tokens,
+        depth=model.cfg.depth,
+        head_name=str(head),
+        backbone_name=bname,
+    )
+    lo, hi = resolve_range(
+        head_cfg,
+        dataset=dataset,
+        min_depth=min_depth,
+        max_depth=max_depth,
+        linear_range=linear_range,
+        name=str(head),
+    )
     return Depther(model, DepthHead(head_cfg, params), min_depth=lo, max_depth=hi, mesh=mesh)
 
 

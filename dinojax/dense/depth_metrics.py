@@ -13,24 +13,32 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["METRICS", "DepthMetrics", "NYU_EIGEN_CROP", "depth_metrics", "image_metrics",
-           "valid_mask"]  # fmt: skip
+__all__ = [
+    "METRICS",
+    "DepthMetrics",
+    "NYU_EIGEN_CROP",
+    "depth_metrics",
+    "image_metrics",
+    "valid_mask",
+]
 
 # Rows 45:471, columns 41:601 of the 480 x 640 NYU-v2 frames (Eigen et al. 2014).
 NYU_EIGEN_CROP = (45, 471, 41, 601)
 METRICS = ("delta1", "delta2", "delta3", "abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog")
 
 
-def valid_mask(gt: np.ndarray, *, min_depth: float = 1e-3, max_depth: float = 10.0,
-               eigen_crop: bool = False) -> np.ndarray:  # fmt: skip
+def valid_mask(
+    gt: np.ndarray, *, min_depth: float = 1e-3, max_depth: float = 10.0, eigen_crop: bool = False
+) -> np.ndarray:
     """Pixels that count: min_depth < gt < max_depth (0 = no measurement), inside the NYU Eigen
     crop if `eigen_crop` (which needs 480 x 640 maps)."""
     gt = np.asarray(gt)
     mask = (gt > min_depth) & (gt < max_depth)
     if eigen_crop:
         if gt.shape[-2:] != (480, 640):
-            raise ValueError(f"the NYU Eigen crop needs 480x640 depth maps, got "
-                             f"{gt.shape[-2]}x{gt.shape[-1]}")  # fmt: skip
+            raise ValueError(
+                f"the NYU Eigen crop needs 480x640 depth maps, got {gt.shape[-2]}x{gt.shape[-1]}"
+            )
         crop = np.zeros(gt.shape[-2:], bool)
         t, b, left, r = NYU_EIGEN_CROP
         crop[t:b, left:r] = True
@@ -64,8 +72,9 @@ def image_metrics(pred: np.ndarray, gt: np.ndarray, mask: np.ndarray) -> dict[st
 class DepthMetrics:
     """Accumulates per-image metrics over batches; `result()` gives their means."""
 
-    def __init__(self, *, min_depth: float = 1e-3, max_depth: float = 10.0,
-                 eigen_crop: bool = False):  # fmt: skip
+    def __init__(
+        self, *, min_depth: float = 1e-3, max_depth: float = 10.0, eigen_crop: bool = False
+    ):
         self.min_depth, self.max_depth, self.eigen_crop = min_depth, max_depth, eigen_crop
         self.sums = dict.fromkeys(METRICS, 0.0)
         self.count = 0
@@ -78,8 +87,9 @@ class DepthMetrics:
         if gt.ndim == 2:
             pred, gt = pred[None], gt[None]
         for p, g in zip(pred, gt):
-            m = valid_mask(g, min_depth=self.min_depth, max_depth=self.max_depth,
-                           eigen_crop=self.eigen_crop)  # fmt: skip
+            m = valid_mask(
+                g, min_depth=self.min_depth, max_depth=self.max_depth, eigen_crop=self.eigen_crop
+            )
             r = image_metrics(p, g, m)
             if r is None:
                 self.skipped += 1
@@ -96,8 +106,9 @@ class DepthMetrics:
         return out
 
 
-def depth_metrics(pred, gt, *, min_depth: float = 1e-3, max_depth: float = 10.0,
-                  eigen_crop: bool = False) -> dict[str, float]:  # fmt: skip
+def depth_metrics(
+    pred, gt, *, min_depth: float = 1e-3, max_depth: float = 10.0, eigen_crop: bool = False
+) -> dict[str, float]:
     """Mean per-image metrics of (B, H, W) (or (H, W)) predictions against ground truth."""
     acc = DepthMetrics(min_depth=min_depth, max_depth=max_depth, eigen_crop=eigen_crop)
     acc.update(pred, gt)

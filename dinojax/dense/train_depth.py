@@ -69,8 +69,9 @@ class DepthTrainConfig:
         if min(self.image_size) < 14 or len(self.image_size) != 2:
             raise ValueError(f"image_size must be (H, W) of at least 14, got {self.image_size}")
         if not 0 <= self.min_depth < self.max_depth:
-            raise ValueError(f"need 0 <= min_depth < max_depth, got {self.min_depth}, "
-                             f"{self.max_depth}")  # fmt: skip
+            raise ValueError(
+                f"need 0 <= min_depth < max_depth, got {self.min_depth}, {self.max_depth}"
+            )
         for name in ("iters", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -85,8 +86,9 @@ class DepthTrainResult:
     out_dir: Path | None
 
 
-def sig_loss(pred: jax.Array, gt: jax.Array, *, warm_up: bool | jax.Array = False,
-             eps: float = 1e-3) -> jax.Array:  # fmt: skip
+def sig_loss(
+    pred: jax.Array, gt: jax.Array, *, warm_up: bool | jax.Array = False, eps: float = 1e-3
+) -> jax.Array:
     """`SigLoss` with `valid_mask=True` over every pixel of the batch (docstring above)."""
     mask = (gt > 0).astype(jnp.float32)
     n = jnp.maximum(jnp.sum(mask), 2.0)
@@ -115,8 +117,9 @@ def _sample(source, i: int, cfg: DepthTrainConfig) -> tuple[np.ndarray, np.ndarr
     try:
         img, depth = source[int(i)]
     except (TypeError, ValueError) as e:
-        raise ValueError(f"record {i}: expected (image uint8 (H, W, 3), depth float32 (H, W)), "
-                         f"{e}") from None  # fmt: skip
+        raise ValueError(
+            f"record {i}: expected (image uint8 (H, W, 3), depth float32 (H, W)), {e}"
+        ) from None
     img, depth = np.asarray(img), np.asarray(depth, np.float32)
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"record {i}: image must be uint8 (H, W, 3), got {img.dtype} {img.shape}")
@@ -124,8 +127,9 @@ def _sample(source, i: int, cfg: DepthTrainConfig) -> tuple[np.ndarray, np.ndarr
         raise ValueError(f"record {i}: depth shape {depth.shape} != image shape {img.shape[:2]}")
     if cfg.nyu_crop:
         if img.shape[:2] != (480, 640):
-            raise ValueError(f"record {i}: the NYU crop needs 480x640 samples, got "
-                             f"{img.shape[0]}x{img.shape[1]}")  # fmt: skip
+            raise ValueError(
+                f"record {i}: the NYU crop needs 480x640 samples, got {img.shape[0]}x{img.shape[1]}"
+            )
         t, b, left, r = NYU_TRAIN_CROP
         img, depth = img[t:b, left:r], depth[t:b, left:r]
     h, w = cfg.image_size
@@ -137,8 +141,9 @@ def _sample(source, i: int, cfg: DepthTrainConfig) -> tuple[np.ndarray, np.ndarr
 
 def _load(source, cfg: DepthTrainConfig, what: str):
     if not hasattr(source, "__len__") or not hasattr(source, "__getitem__"):
-        raise ValueError(f"{what}: a depth source needs __len__ and __getitem__, got "
-                         f"{type(source).__name__}")  # fmt: skip
+        raise ValueError(
+            f"{what}: a depth source needs __len__ and __getitem__, got {type(source).__name__}"
+        )
     if len(source) == 0:
         raise ValueError(f"{what}: the source is empty")
     pairs = [_sample(source, i, cfg) for i in range(len(source))]
@@ -151,14 +156,18 @@ class _LayerFeats:
 
     def __call__(self, model, x):
         xp = center_pad(x, model.cfg.patch_size)
-        res = model.get_intermediate_layers(xp, self.out_index, reshape=True,
-                                            return_class_token=True, norm=False)  # fmt: skip
-        return {"patch": jnp.stack([p for p, _ in res], 1).astype(jnp.float32),
-                "cls": jnp.stack([c for _, c in res], 1).astype(jnp.float32)}  # fmt: skip
+        res = model.get_intermediate_layers(
+            xp, self.out_index, reshape=True, return_class_token=True, norm=False
+        )
+        return {
+            "patch": jnp.stack([p for p, _ in res], 1).astype(jnp.float32),
+            "cls": jnp.stack([c for _, c in res], 1).astype(jnp.float32),
+        }
 
 
-def extract_layer_features(model, images: np.ndarray, out_index, *, mesh=None,
-                           batch_size: int = 16, progress: bool = True) -> dict[str, np.ndarray]:  # fmt: skip
+def extract_layer_features(
+    model, images: np.ndarray, out_index, *, mesh=None, batch_size: int = 16, progress: bool = True
+) -> dict[str, np.ndarray]:
     """uint8 (N, H, W, 3) -> {"patch": (N, L, h, w, D), "cls": (N, L, D)} float32 (host)."""
     from tqdm.auto import tqdm
 
@@ -193,9 +202,12 @@ def _schedule(cfg: DepthTrainConfig):
 
     warm = min(cfg.warmup_iters, cfg.iters - 1)
     return optax.join_schedules(
-        [optax.linear_schedule(0.0, cfg.lr, max(warm, 1)),
-         optax.polynomial_schedule(cfg.lr, 0.0, 1.0, max(cfg.iters - warm, 1))], [warm],
-    )  # fmt: skip
+        [
+            optax.linear_schedule(0.0, cfg.lr, max(warm, 1)),
+            optax.polynomial_schedule(cfg.lr, 0.0, 1.0, max(cfg.iters - warm, 1)),
+        ],
+        [warm],
+    )
 
 
 def _predict_batch(params, head_cfg, patch, cls, cfg: DepthTrainConfig):
@@ -205,10 +217,16 @@ def _predict_batch(params, head_cfg, patch, cls, cfg: DepthTrainConfig):
 
 
 def train_depth_head(
-    backbone, train_source, *, config: DepthTrainConfig = DepthTrainConfig(),
-    val_source=None, out_dir: str | None = None, overwrite: bool = False, mesh=None,
+    backbone,
+    train_source,
+    *,
+    config: DepthTrainConfig = DepthTrainConfig(),
+    val_source=None,
+    out_dir: str | None = None,
+    overwrite: bool = False,
+    mesh=None,
     progress: bool = True,
-) -> DepthTrainResult:  # fmt: skip
+) -> DepthTrainResult:
     """Train a linear depth head on frozen features of `backbone` (checkpoint dir, hub name,
     official file or a `DinoVisionTransformer`); returns the params, config, loss history and,
     with `val_source`, the validation metrics. `out_dir` gets the head directory and log.jsonl."""
@@ -227,13 +245,21 @@ def train_depth_head(
     shards = math.prod(mesh.shape[a] for a in mesh.axis_names)
     images, depths = _load(train_source, cfg, "train")
     out_index = out_index_for(model, cfg.layers)
-    head_cfg = linear_head_config(model.cfg.embed_dim, out_index, min_depth=cfg.min_depth,
-                                  max_depth=cfg.max_depth, dataset=cfg.dataset,
-                                  num_register_tokens=model.cfg.num_register_tokens)  # fmt: skip
+    head_cfg = linear_head_config(
+        model.cfg.embed_dim,
+        out_index,
+        min_depth=cfg.min_depth,
+        max_depth=cfg.max_depth,
+        dataset=cfg.dataset,
+        num_register_tokens=model.cfg.num_register_tokens,
+    )
     feats = [extract_layer_features(model, images, out_index, mesh=mesh, progress=progress)]
     if cfg.flip:
-        feats.append(extract_layer_features(model, images[:, :, ::-1].copy(), out_index,
-                                            mesh=mesh, progress=progress))  # fmt: skip
+        feats.append(
+            extract_layer_features(
+                model, images[:, :, ::-1].copy(), out_index, mesh=mesh, progress=progress
+            )
+        )
     params = jax.tree.map(jnp.asarray, init_head_params(head_cfg, cfg.seed))
     opt = optax.adamw(_schedule(cfg), weight_decay=cfg.weight_decay)
     opt_state = opt.init(params)
@@ -265,11 +291,16 @@ def train_depth_head(
             cls = np.stack([feats[f]["cls"][i] for i, f in zip(idx, flip)])
             gt = np.stack([depths[i][:, ::-1] if f else depths[i] for i, f in zip(idx, flip)])
             put = lambda a: jax.device_put(a, sharding)  # noqa: E731
-            params, opt_state, loss = step(params, opt_state, put(patch), put(cls), put(gt),
-                                           it < cfg.warm_up_iters)  # fmt: skip
+            params, opt_state, loss = step(
+                params, opt_state, put(patch), put(cls), put(gt), it < cfg.warm_up_iters
+            )
             if it % cfg.log_every == 0 or it == cfg.iters - 1:
-                rec = {"iter": it, "loss": float(loss), "lr": float(schedule(it)),
-                       "sigloss_warm_up": bool(it < cfg.warm_up_iters)}  # fmt: skip
+                rec = {
+                    "iter": it,
+                    "loss": float(loss),
+                    "lr": float(schedule(it)),
+                    "sigloss_warm_up": bool(it < cfg.warm_up_iters),
+                }
                 history.append(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}")
                 if log:
@@ -277,8 +308,9 @@ def train_depth_head(
                     log.flush()
         metrics = None
         if val_source is not None:
-            metrics = evaluate_head(model, params, head_cfg, val_source, cfg, mesh=mesh,
-                                    progress=progress)  # fmt: skip
+            metrics = evaluate_head(
+                model, params, head_cfg, val_source, cfg, mesh=mesh, progress=progress
+            )
             if log:
                 log.write(json.dumps({"iter": cfg.iters, "val": metrics}) + "\n")
     finally:
@@ -286,22 +318,41 @@ def train_depth_head(
             log.close()
     params = jax.tree.map(np.asarray, params)
     if out is not None:
-        meta = {"format": FORMAT, "version": VERSION, "task": "depth", "head": head_cfg,
-                "backbone_arch": model.cfg.name,
-                "source": {"format": "dinojax-train", "config": dataclasses.asdict(cfg)}}  # fmt: skip
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "task": "depth",
+            "head": head_cfg,
+            "backbone_arch": model.cfg.name,
+            "source": {"format": "dinojax-train", "config": dataclasses.asdict(cfg)},
+        }
         save_head(out / "head", params, meta, overwrite=overwrite)
     return DepthTrainResult(params, head_cfg, history, metrics, out)
 
 
-def evaluate_head(model, params, head_cfg, source, cfg: DepthTrainConfig, *, mesh=None,
-                  eigen_crop: bool = False, progress: bool = True) -> dict:  # fmt: skip
+def evaluate_head(
+    model,
+    params,
+    head_cfg,
+    source,
+    cfg: DepthTrainConfig,
+    *,
+    mesh=None,
+    eigen_crop: bool = False,
+    progress: bool = True,
+) -> dict:
     """Metrics of a head on a source, the samples prepared as in training (crop, resize)."""
     from dinojax.dense.depth import Depther, DepthHead
     from dinojax.dense.depth_metrics import DepthMetrics
 
     images, depths = _load(source, dataclasses.replace(cfg), "val")
-    depther = Depther(model, DepthHead(head_cfg, params), min_depth=cfg.min_depth,
-                      max_depth=cfg.max_depth, mesh=mesh)  # fmt: skip
+    depther = Depther(
+        model,
+        DepthHead(head_cfg, params),
+        min_depth=cfg.min_depth,
+        max_depth=cfg.max_depth,
+        mesh=mesh,
+    )
     acc = DepthMetrics(min_depth=cfg.min_depth, max_depth=cfg.max_depth, eigen_crop=eigen_crop)
     for s in range(0, len(images), 16):
         acc.update(depther.predict(images[s : s + 16]), depths[s : s + 16])

@@ -41,8 +41,9 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return [float(v) for v in np.arange(first, hi + 1e-9 * step, step)]
 
 
-def depth_picture(image: np.ndarray, depth: np.ndarray, *, vmin: float | None = None,
-                  vmax: float | None = None) -> Image.Image:  # fmt: skip
+def depth_picture(
+    image: np.ndarray, depth: np.ndarray, *, vmin: float | None = None, vmax: float | None = None
+) -> Image.Image:
     """uint8 (H, W, 3) image + (H, W) metres -> [image | colour map | scale bar] (near = bright)."""
     from dinojax.eval.pictures import colorize
 
@@ -78,7 +79,9 @@ def _dense_source(spec: str, split: str, data_dir: str | None):
     try:
         from dinojax.dense.data import dense_source
     except ImportError:
-        raise ValueError("dense datasets need dinojax.dense.data (not in this installation)") from None
+        raise ValueError(
+            "dense datasets need dinojax.dense.data (not in this installation)"
+        ) from None
     return dense_source(spec, split, task="depth", data_dir=data_dir)
 
 
@@ -93,9 +96,15 @@ def _size(text: str) -> tuple[int, int]:
 def _depther(args, model):
     from dinojax.dense import load_depther
 
-    return load_depther(model, args.head, dataset=args.dataset, min_depth=args.min_depth,
-                        max_depth=args.max_depth, linear_range=args.linear_range,
-                        dtype=args.dtype)  # fmt: skip
+    return load_depther(
+        model,
+        args.head,
+        dataset=args.dataset,
+        min_depth=args.min_depth,
+        max_depth=args.max_depth,
+        linear_range=args.linear_range,
+        dtype=args.dtype,
+    )
 
 
 def _predict(args) -> int:
@@ -135,16 +144,34 @@ def _train(args) -> int:
     src = _dense_source(args.data, args.split, args.data_dir)
     val = _dense_source(args.val, args.val_split, args.data_dir) if args.val else None
     lo, hi = _range(args, src)
-    cfg = DepthTrainConfig(layers=args.layers, image_size=_size(args.image_size), min_depth=lo,
-                           max_depth=hi, iters=args.iters, batch_size=args.batch_size,
-                           lr=args.lr, weight_decay=args.weight_decay, nyu_crop=args.nyu_crop,
-                           flip=not args.no_flip, seed=args.seed, dataset=args.dataset,
-                           log_every=args.log_every)  # fmt: skip
-    res = train_depth_head(cli.load_model(args), src, config=cfg, val_source=val,
-                           out_dir=args.out, overwrite=args.overwrite,
-                           progress=not args.no_progress)  # fmt: skip
-    print(f"wrote {Path(args.out) / 'head'} ({res.head_cfg['type']}, blocks "
-          f"{res.head_cfg['out_index']}, final loss {res.history[-1]['loss']:.4f})")  # fmt: skip
+    cfg = DepthTrainConfig(
+        layers=args.layers,
+        image_size=_size(args.image_size),
+        min_depth=lo,
+        max_depth=hi,
+        iters=args.iters,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        nyu_crop=args.nyu_crop,
+        flip=not args.no_flip,
+        seed=args.seed,
+        dataset=args.dataset,
+        log_every=args.log_every,
+    )
+    res = train_depth_head(
+        cli.load_model(args),
+        src,
+        config=cfg,
+        val_source=val,
+        out_dir=args.out,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    print(
+        f"wrote {Path(args.out) / 'head'} ({res.head_cfg['type']}, blocks "
+        f"{res.head_cfg['out_index']}, final loss {res.history[-1]['loss']:.4f})"
+    )
     if res.metrics:
         print(json.dumps(res.metrics, sort_keys=True))
     return 0
@@ -159,14 +186,20 @@ def _evaluate(args) -> int:
     src = _dense_source(args.data, args.split, args.data_dir)
     depther = _depther(args, cli.load_model(args))
     n = len(src) if args.max_images is None else min(args.max_images, len(src))
-    acc = DepthMetrics(min_depth=depther.min_depth, max_depth=depther.max_depth,
-                       eigen_crop=args.eigen_crop)  # fmt: skip
+    acc = DepthMetrics(
+        min_depth=depther.min_depth, max_depth=depther.max_depth, eigen_crop=args.eigen_crop
+    )
     for i in tqdm(range(n), desc="evaluate", disable=args.no_progress):
         img, gt = src[i]
         acc.update(depther.predict(img)[0], np.asarray(gt, np.float32))
     res = acc.result()
-    res.update(head=str(args.head), data=args.data, split=args.split,
-               range=[depther.min_depth, depther.max_depth], eigen_crop=args.eigen_crop)  # fmt: skip
+    res.update(
+        head=str(args.head),
+        data=args.data,
+        split=args.split,
+        range=[depther.min_depth, depther.max_depth],
+        eigen_crop=args.eigen_crop,
+    )
     print(json.dumps(res, sort_keys=True))
     if args.output:
         cli.write_json(args.output, res)
@@ -176,22 +209,35 @@ def _evaluate(args) -> int:
 def _parser() -> argparse.ArgumentParser:
     from dinojax.eval import cli
 
-    p = argparse.ArgumentParser(prog="python -m dinojax.eval.depth",
-                                description="Monocular depth with DINOv2 features: pictures, "
-                                "training linear heads, metrics.")  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m dinojax.eval.depth",
+        description="Monocular depth with DINOv2 features: pictures, "
+        "training linear heads, metrics.",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     def head_args(q):
         q.add_argument("--head", required=True, help="head directory or released *_head.pth")
-        q.add_argument("--linear-range", choices=["dataset", "hub"], default="dataset",
-                       help="linear heads: decode over the dataset's range (default) or the "
-                       "hub's 0.001-80 m")  # fmt: skip
-        q.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                       help="backbone compute dtype")  # fmt: skip
+        q.add_argument(
+            "--linear-range",
+            choices=["dataset", "hub"],
+            default="dataset",
+            help="linear heads: decode over the dataset's range (default) or the hub's 0.001-80 m",
+        )
+        q.add_argument(
+            "--dtype",
+            choices=["float32", "bfloat16"],
+            default="float32",
+            help="backbone compute dtype",
+        )
 
     def range_args(q):
-        q.add_argument("--dataset", choices=["nyu", "kitti"], default=None,
-                       help="depth range of the dataset (NYU 0.001-10 m, KITTI 0.001-80 m)")  # fmt: skip
+        q.add_argument(
+            "--dataset",
+            choices=["nyu", "kitti"],
+            default=None,
+            help="depth range of the dataset (NYU 0.001-10 m, KITTI 0.001-80 m)",
+        )
         q.add_argument("--min-depth", type=float, default=None)
         q.add_argument("--max-depth", type=float, default=None)
 
@@ -213,8 +259,13 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--val", default=None, help="validation dataset (metrics at the end)")
     q.add_argument("--val-split", default="val")
     q.add_argument("--data-dir", default=None, help="TFDS data_dir")
-    q.add_argument("--layers", type=int, choices=[1, 4], default=4,
-                   help="1: linear (last block), 4: linear4 (the released blocks)")  # fmt: skip
+    q.add_argument(
+        "--layers",
+        type=int,
+        choices=[1, 4],
+        default=4,
+        help="1: linear (last block), 4: linear4 (the released blocks)",
+    )
     q.add_argument("--image-size", default="224x294", help="H or HxW every sample is resized to")
     q.add_argument("--iters", type=int, default=1000)
     q.add_argument("--batch-size", type=int, default=8)

@@ -42,8 +42,9 @@ class BNHead(nn.Module):
         for x, cls in inputs:  # `_forward_feature`: concat(patch map, CLS broadcast)
             xs.append(torch.cat((x, cls[:, :, None, None].expand_as(x)), 1))
         size = [s * self.upsample for s in xs[0].shape[2:]]  # `_transform_inputs`
-        x = torch.cat([F.interpolate(t, size=size, mode="bilinear", align_corners=False)
-                       for t in xs], dim=1)  # fmt: skip
+        x = torch.cat(
+            [F.interpolate(t, size=size, mode="bilinear", align_corners=False) for t in xs], dim=1
+        )
         logit = self.conv_depth(x)  # `depth_pred`
         bins = torch.linspace(self.min_depth, self.max_depth, self.n_bins)
         logit = torch.relu(logit) + 0.1
@@ -86,12 +87,14 @@ class ReassembleBlocks(nn.Module):
     def __init__(self, d, post):
         super().__init__()
         self.projects = nn.ModuleList([ConvModule(d, c, 1) for c in post])
-        self.resize_layers = nn.ModuleList([
-            nn.ConvTranspose2d(post[0], post[0], kernel_size=4, stride=4, padding=0),
-            nn.ConvTranspose2d(post[1], post[1], kernel_size=2, stride=2, padding=0),
-            nn.Identity(),
-            nn.Conv2d(post[3], post[3], kernel_size=3, stride=2, padding=1),
-        ])  # fmt: skip
+        self.resize_layers = nn.ModuleList(
+            [
+                nn.ConvTranspose2d(post[0], post[0], kernel_size=4, stride=4, padding=0),
+                nn.ConvTranspose2d(post[1], post[1], kernel_size=2, stride=2, padding=0),
+                nn.Identity(),
+                nn.Conv2d(post[3], post[3], kernel_size=3, stride=2, padding=1),
+            ]
+        )
         self.readout_projects = nn.ModuleList(
             [nn.Sequential(nn.Linear(2 * d, d), nn.GELU()) for _ in post]
         )
@@ -131,10 +134,10 @@ class DPTHead(nn.Module):
         post = [d // 2 ** (3 - i) for i in range(4)]
         self.min_depth, self.max_depth = min_depth, max_depth
         self.reassemble_blocks = ReassembleBlocks(d, post)
-        self.convs = nn.ModuleList([ConvModule(c, channels, 3, padding=1, bias=False)
-                                    for c in post])  # fmt: skip
-        self.fusion_blocks = nn.ModuleList([FeatureFusionBlock(channels, i == 0)
-                                            for i in range(4)])  # fmt: skip
+        self.convs = nn.ModuleList(
+            [ConvModule(c, channels, 3, padding=1, bias=False) for c in post]
+        )
+        self.fusion_blocks = nn.ModuleList([FeatureFusionBlock(channels, i == 0) for i in range(4)])
         self.project = ConvModule(channels, channels, 3, padding=1, act=True)
         self.conv_depth = HeadDepth(channels)
 
@@ -162,8 +165,9 @@ def encode_decode(backbone, head, img, out_index):
     """`DepthEncoderDecoder.encode_decode(img, None)` with the hub's backbone forward
     (`get_intermediate_layers(n=out_index, reshape=True, return_class_token=True, norm=False)`
     after the CenterPadding pre-hook)."""
-    feats = backbone.get_intermediate_layers(center_padding(img), n=out_index, reshape=True,
-                                             return_class_token=True, norm=False)  # fmt: skip
+    feats = backbone.get_intermediate_layers(
+        center_padding(img), n=out_index, reshape=True, return_class_token=True, norm=False
+    )
     out = torch.clamp(head(feats), min=head.min_depth, max=head.max_depth)
     return F.interpolate(out, size=img.shape[2:], mode="bilinear", align_corners=False)
 

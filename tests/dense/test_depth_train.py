@@ -91,16 +91,39 @@ def test_eigen_crop_and_bad_input():
         depth_metrics(np.ones((4, 4)), np.ones((4, 5)))
 
 
+def _mesh():
+    import jax
+    from jax.sharding import Mesh
+
+    return Mesh(np.array(jax.devices()[:2]), ("data",))
+
+
 def test_training_decreases_the_loss_and_writes_a_loadable_head(tmp_path):
     from dinojax.convert.dense import export_head
     from dinojax.dense import load_depther
 
     model = create_model(small_config(), seed=0)
-    cfg = DepthTrainConfig(layers=4, image_size=(42, 56), min_depth=0.001, max_depth=10.0,
-                           iters=60, batch_size=8, lr=3e-3, warmup_iters=5, warm_up_iters=0,
-                           log_every=5)  # fmt: skip
-    res = train_depth_head(model, Ramps(16), config=cfg, val_source=Ramps(8, seed=1),
-                           out_dir=tmp_path / "run", progress=False)  # fmt: skip
+    cfg = DepthTrainConfig(
+        layers=4,
+        image_size=(42, 56),
+        min_depth=0.001,
+        max_depth=10.0,
+        iters=40,
+        batch_size=8,
+        lr=3e-3,
+        warmup_iters=5,
+        warm_up_iters=0,
+        log_every=5,
+    )
+    res = train_depth_head(
+        model,
+        Ramps(16),
+        config=cfg,
+        val_source=Ramps(8, seed=1),
+        out_dir=tmp_path / "run",
+        progress=False,
+        mesh=_mesh(),
+    )
     losses = [r["loss"] for r in res.history]
     assert res.head_cfg["type"] == "linear4" and res.head_cfg["out_index"] == [0, 1, 2, 3]
     assert np.mean(losses[-3:]) < 0.7 * losses[0], losses
@@ -117,7 +140,9 @@ def test_training_decreases_the_loss_and_writes_a_loadable_head(tmp_path):
     sd = torch.load(tmp_path / "head.pth", weights_only=True)["state_dict"]
     assert sorted(sd) == ["decode_head.conv_depth.bias", "decode_head.conv_depth.weight"]
     w = res.params["conv_depth"]["kernel"]
-    np.testing.assert_array_equal(sd["decode_head.conv_depth.weight"].numpy()[:, :, 0, 0], w[0, 0].T)
+    np.testing.assert_array_equal(
+        sd["decode_head.conv_depth.weight"].numpy()[:, :, 0, 0], w[0, 0].T
+    )
 
 
 def test_bad_sources():
@@ -132,8 +157,9 @@ def test_bad_sources():
     with pytest.raises(ValueError, match="record 0: image must be uint8"):
         train_depth_head(model, Bad(2), config=cfg, progress=False)
     with pytest.raises(ValueError, match="NYU crop needs 480x640"):
-        train_depth_head(model, Ramps(2), config=DepthTrainConfig(nyu_crop=True, iters=1),
-                         progress=False)  # fmt: skip
+        train_depth_head(
+            model, Ramps(2), config=DepthTrainConfig(nyu_crop=True, iters=1), progress=False
+        )
     with pytest.raises(ValueError, match="empty"):
         train_depth_head(model, Ramps(0), config=cfg, progress=False)
     with pytest.raises(ValueError, match="layers must be 1 or 4"):
