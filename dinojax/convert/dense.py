@@ -102,11 +102,16 @@ def detect_task(sd: dict) -> str:
     return found[0]
 
 
-def from_official(obj: dict, *, arch: str | None = None) -> tuple[dict, dict]:
-    """An official head file's contents -> (params, meta), in memory."""
+def from_official(
+    obj: dict, *, arch: str | None = None, name: str | None = None
+) -> tuple[dict, dict]:
+    """An official head file's contents -> (params, meta), in memory. `name` (the file name) is
+    passed on to task modules that read hints from it (`NAME_HINTS`: the depth heads' dataset)."""
     sd = head_state_dict(obj)
     task = detect_task(sd)
-    params, head_cfg = _task_module(task).from_official(sd, arch)
+    mod = _task_module(task)
+    hints = {"name": name} if getattr(mod, "NAME_HINTS", False) else {}
+    params, head_cfg = mod.from_official(sd, arch, **hints)
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -169,7 +174,7 @@ def load_head(path: str | os.PathLike, *, arch: str | None = None) -> tuple[dict
             raise ConversionError(f"{path}: cannot restore the head ({type(e).__name__}: "
                                   f"{first})") from e  # fmt: skip
         return jax.tree.map(np.asarray, tree["head"]), meta
-    return from_official(read_file(path), arch=arch or arch_from_name(path))
+    return from_official(read_file(path), arch=arch or arch_from_name(path), name=path.name)
 
 
 def convert_head(
@@ -177,7 +182,9 @@ def convert_head(
     overwrite: bool = False,
 ) -> dict:  # fmt: skip
     """Official head `.pth` -> head directory; returns the metadata. Nothing written on error."""
-    params, meta = from_official(read_file(src), arch=arch or arch_from_name(src))
+    params, meta = from_official(
+        read_file(src), arch=arch or arch_from_name(src), name=Path(src).name
+    )
     meta["source"] = {"format": "official", "file": Path(src).name}
     save_head(dst, params, meta, overwrite=overwrite)
     return meta
