@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -80,8 +81,18 @@ def file_is_head(path: str | os.PathLike) -> bool:
     return isinstance(sd, Mapping) and any(str(k).startswith("decode_head.") for k in sd)
 
 
+def _detects(task: str, sd: dict) -> bool:
+    try:
+        module = _task_module(task)
+    except ModuleNotFoundError as e:  # a task module not installed in this checkout
+        if e.name == TASK_MODULES[task]:
+            return False
+        raise
+    return module.detect(sd)
+
+
 def detect_task(sd: dict) -> str:
-    found = [task for task in TASK_MODULES if _task_module(task).detect(sd)]
+    found = [task for task in TASK_MODULES if _detects(task, sd)]
     if len(found) != 1:
         keys = sorted({".".join(k.split(".")[:2]) for k in sd})[:8]
         raise ConversionError(
@@ -91,11 +102,16 @@ def detect_task(sd: dict) -> str:
     return found[0]
 
 
-def from_official(obj: dict, *, arch: str | None = None) -> tuple[dict, dict]:
-    """An official head file's contents -> (params, meta), in memory."""
+def from_official(
+    obj: dict, *, arch: str | None = None, name: str | None = None
+) -> tuple[dict, dict]:
+    """An official head file's contents -> (params, meta), in memory. `name` (the file name) is
+    passed on to task modules that read hints from it (`NAME_HINTS`: the depth heads' dataset)."""
     sd = head_state_dict(obj)
     task = detect_task(sd)
-    params, head_cfg = _task_module(task).from_official(sd, arch)
+    mod = _task_module(task)
+    hints = {"name": name} if getattr(mod, "NAME_HINTS", False) else {}
+    params, head_cfg = mod.from_official(sd, arch, **hints)
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -105,6 +121,13 @@ def from_official(obj: dict, *, arch: str | None = None) -> tuple[dict, dict]:
         "source": {"format": "official"},
     }
     return params, meta
+
+
+def arch_from_name(path: str | os.PathLike) -> str | None:
+    """The backbone named by a released head's file name (`dinov2_vits14_ade20k_ms_head.pth` ->
+    `dinov2_vits14`), used when no --arch is given; None if the name has none."""
+    m = re.match(r"(dinov2_vit[sblg]14(?:_reg4?)?)_", Path(path).name)
+    return m.group(1) if m else None
 
 
 def is_head_dir(path: str | os.PathLike) -> bool:
@@ -151,7 +174,7 @@ def load_head(path: str | os.PathLike, *, arch: str | None = None) -> tuple[dict
             raise ConversionError(f"{path}: cannot restore the head ({type(e).__name__}: "
                                   f"{first})") from e  # fmt: skip
         return jax.tree.map(np.asarray, tree["head"]), meta
-    return from_official(read_file(path), arch=arch)
+    return from_official(read_file(path), arch=arch or arch_from_name(path), name=path.name)
 
 
 def convert_head(
@@ -159,7 +182,9 @@ def convert_head(
     overwrite: bool = False,
 ) -> dict:  # fmt: skip
     """Official head `.pth` -> head directory; returns the metadata. Nothing written on error."""
-    params, meta = from_official(read_file(src), arch=arch)
+    params, meta = from_official(
+        read_file(src), arch=arch or arch_from_name(src), name=Path(src).name
+    )
     meta["source"] = {"format": "official", "file": Path(src).name}
     save_head(dst, params, meta, overwrite=overwrite)
     return meta

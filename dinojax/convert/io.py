@@ -110,7 +110,8 @@ def write_file(state: dict, path: str | os.PathLike) -> None:
 def _to_torch(obj):
     torch = _torch()
     if isinstance(obj, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(obj))
+        # ascontiguousarray turns a 0-d array into shape (1,): keep scalars (num_batches_tracked)
+        return torch.from_numpy(np.ascontiguousarray(obj).reshape(obj.shape))
     if isinstance(obj, dict):
         return {k: _to_torch(v) for k, v in obj.items()}
     return obj
