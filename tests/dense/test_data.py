@@ -303,3 +303,23 @@ def test_tfds_source_pickles_for_workers(tmp_path):
     clone = pickle.loads(pickle.dumps(src))
     np.testing.assert_array_equal(clone[1][1], src[1][1])
     assert clone.name(1) == "x1.jpg" and len(clone) == 2
+
+
+def test_spec_options(tmp_path):
+    from dinojax.dense.data import parse_options
+
+    assert parse_options(
+        "folder:/d?num_classes=150&reduce_zero_label=true&depth_range=0.001-10"
+    ) == ("folder:/d", {"num_classes": 150, "reduce_zero_label": True, "depth_range": (0.001, 10)})
+    assert parse_options("digits:3?colour_cue=false&scale=0.3-0.4")[1] == {
+        "colour_cue": False, "scale": (0.3, 0.4)
+    }  # fmt: skip
+    root = _write_seg_folder(str(tmp_path), k=6)
+    src = dense_source(f"folder:{root}?num_classes=5&reduce_zero_label=true", "val")
+    assert src.num_classes == 5 and src.reduce_zero_label
+    assert dense_source("depthscenes:2:32?depth_range=1-20").depth_range == (1.0, 20.0)
+    assert not dense_source("digits:2:32?colour_cue=off").colour_cue
+    with pytest.raises(ValueError, match="option 'bogus=1' is not key=value with a key of"):
+        dense_source("digits:2?bogus=1")
+    with pytest.raises(ValueError, match="num_classes: option value 'many' is not a number"):
+        dense_source(f"{root}?num_classes=many")

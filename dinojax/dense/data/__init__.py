@@ -9,6 +9,9 @@ A dense source has `__len__`, `__getitem__(i) -> (image uint8 (H, W, 3), target)
     depthscenes[:N[:SIZE]]    N (default 300) rendered scenes, depth 0.5-10 m
     folder:PATH | PATH        images/[SPLIT/] + annotations/[SPLIT/] (ADE20K layout)
     tfds:NAME[:SPLIT]         built by `python -m dinojax.dense.data.tfds_dense`, in data_dir
+
+Any spec but tfds may end in `?key=value&...` options (`parse_options`), e.g.
+`folder:/data/ade?num_classes=150&reduce_zero_label=true`, `depthscenes:200?depth_range=1-20`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ __all__ = [
     "DigitScenes",
     "build_dense_tfds",
     "dense_source",
+    "parse_options",
     "depth_scenes",
     "digit_scenes",
     "source_task",
@@ -115,9 +119,53 @@ def dense_source(
     return src
 
 
+_OPTION_KEYS = {
+    "num_classes", "reduce_zero_label", "depth_scale", "npy_scale", "depth_range",  # folders
+    "colour_cue", "digits_per_image", "scale", "fov", "cache",  # embedded scenes
+}  # fmt: skip
+
+
+def _option_value(text: str):
+    low = text.lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    parts = text.split("-") if "-" in text.lstrip("-") and "e-" not in low else [text]
+    try:
+        vals = [float(p) if any(c in p for c in ".e") else int(p) for p in parts]
+    except ValueError:
+        raise ValueError(
+            f"option value {text!r} is not a number, a range A-B or true/false"
+        ) from None
+    return vals[0] if len(vals) == 1 else tuple(vals)
+
+
+def parse_options(spec: str) -> tuple[str, dict]:
+    """`SPEC?key=value&key=value` -> (SPEC, options): numbers, `A-B` ranges (tuples) and
+    true / false, e.g. `folder:/data/ade?num_classes=150&reduce_zero_label=true`,
+    `folder:/data/nyu?depth_range=0.001-10`, `digits:300?colour_cue=false`."""
+    base, sep, query = spec.partition("?")
+    if not sep:
+        return spec, {}
+    options = {}
+    for item in filter(None, query.split("&")):
+        key, eq, value = item.partition("=")
+        if not eq or key not in _OPTION_KEYS:
+            raise ValueError(f"dense dataset {spec!r}: option {item!r} is not key=value with a "
+                             f"key of {', '.join(sorted(_OPTION_KEYS))}")  # fmt: skip
+        try:
+            options[key] = _option_value(value)
+        except ValueError as e:
+            raise ValueError(f"dense dataset {spec!r}: {key}: {e}") from None
+    return base, options
+
+
 def _from_string(spec, split, task, data_dir, seed, options):
     if not spec:
         raise ValueError("empty dense dataset specification")
+    spec, given = parse_options(spec)
+    options = {**given, **options}
     kind, _, rest = spec.partition(":")
     if kind in ("digits", "depthscenes"):
         parts = rest.split(":") if rest else []
