@@ -323,3 +323,18 @@ def test_spec_options(tmp_path):
         dense_source("digits:2?bogus=1")
     with pytest.raises(ValueError, match="num_classes: option value 'many' is not a number"):
         dense_source(f"{root}?num_classes=many")
+
+
+def test_the_cli_dataset_strings_resolve_here(tmp_path):
+    from dinojax.eval import depth as depth_cli
+    from dinojax.eval import segment as seg_cli
+
+    seg = seg_cli.resolve_source("digits:3:28", "val")
+    assert seg.num_classes == 11 and seg[0][1].shape == (28, 28)
+    root = _write_seg_folder(str(tmp_path), k=6)
+    ade = seg_cli.resolve_source(f"folder:{root}?num_classes=5&reduce_zero_label=true", "train")
+    assert ade.num_classes == 5 and ade[0][1].max() == 255
+    dep = depth_cli._dense_source("depthscenes:2:28", "train", None)
+    assert dep.depth_range == (0.5, 10.0)
+    with pytest.raises(ValueError, match="holds segmentation targets, expected depth"):
+        depth_cli._dense_source("digits:2", "train", None)
