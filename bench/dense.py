@@ -256,15 +256,14 @@ def build_case(kind: str, official, model, vit, args, tmp: str):
     sd = {f"decode_head.{k}": v.detach().cpu().clone() for k, v in head.state_dict().items()}
     torch.save({"state_dict": sd}, path)
     ref = ref.to(official.patch_embed.proj.weight.device).eval()
-    over = {} if args.dtype == "float32" else {"dtype": "bfloat16"}
     if kind.startswith("seg"):
-        seg = dinojax.dense.load_segmenter(model, path, **over)
+        seg = dinojax.dense.load_segmenter(model, path)
 
         def ours(x):
             return seg.predict(x, mode="whole", batch_size=len(x))
     else:
         dep = dinojax.dense.load_depther(
-            model, path, min_depth=NYU_RANGE[0], max_depth=NYU_RANGE[1], **over
+            model, path, min_depth=NYU_RANGE[0], max_depth=NYU_RANGE[1]
         )
 
         def ours(x):
@@ -377,7 +376,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     official, replaced = sbs.official_backbone(vit, args.arch, shrinkable=list(fields), **hub)
     official = official.to(device).eval()
     params = sbs.to_dinojax({"backbone": official}, vit)["backbone"]
-    model = model_from_params(vit, jax.tree.map(jax.numpy.asarray, params))
+    # bf16: the backbone's compute dtype in its config (a model object passed to the loaders
+    # is used as it is)
+    run_cfg = vit if args.dtype == "float32" else vit.replace(dtype="bfloat16")
+    model = model_from_params(run_cfg, jax.tree.map(jax.numpy.asarray, params))
     common = {
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "label": args.label,
