@@ -26,6 +26,7 @@ with `model.` in memory and drops it when saving. Every conversion is strict.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import numpy as np
@@ -66,7 +67,9 @@ def _set(tree: dict, path: str, value) -> None:
     tree[leaf] = value
 
 
+@functools.lru_cache(maxsize=16)
 def _abstract_flat(cfg: ConvNeXtConfig) -> dict:
+    # Cached (configs are frozen): detection and conversion each need the table; read-only.
     return _flatten(abstract_convnext_params(cfg))
 
 
