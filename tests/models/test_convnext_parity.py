@@ -46,15 +46,24 @@ UPSTREAM_SIZES = {
     "large": dict(depths=[3, 3, 27, 3], dims=[192, 384, 768, 1536]),
 }
 
+# Max |JAX - torch| per output. In the comments: the largest over 18 cases (tiny at the three
+# default sizes, small / base / large at 224 x 224 and 208 x 416, seeds 0 and 1;
+# bench/results/parity_convnext.jsonl: torch 2.14.1, jax 0.10.2, transformers 5.24, CPU,
+# 2026-12-01); each tolerance is about twice that. Then the smallest change a LayerNorm eps of
+# 1e-5 instead of 1e-6 makes to that output over the same cases (`test_tolerances_catch_a_
+# layernorm_eps_mistake` checks the four outputs it moves by more than 1.5x the tolerance).
 TOL = {
-    "x_norm_clstoken": None,
-    "x_norm_patchtokens": None,
-    "x_prenorm": None,
-    "stages": None,
-    "stage_cls": None,
-    "intermediate": None,
+    "x_norm_clstoken": 5.5e-6,  # measured 2.7e-6; eps mistake >= 7.5e-5 (13x)
+    "x_norm_patchtokens": 2.8e-5,  # measured 1.4e-5; eps mistake >= 3.0e-5 (1.06x)
+    "x_prenorm": 2.5e-5,  # measured 1.2e-5; eps mistake >= 2.7e-5 (1.1x)
+    "stages": 2.5e-5,  # raw stage outputs (|x| <= 8): measured 1.2e-5; eps >= 4.6e-5 (1.8x)
+    "stage_cls": 2e-6,  # their average pools: measured 9.8e-7; eps mistake >= 7.2e-6 (3.6x)
+    "intermediate": 2.8e-5,  # normed n=2 outputs: measured 1.4e-5; eps >= 7.5e-5 (2.7x)
 }
+# bfloat16 compute: smallest per-token cosine measured 0.99988 (large), 0.99992 (tiny).
 BF16_COSINE = 0.999
+DEFAULT_SIZES = [(224, 224), (208, 416), (512, 768)]
+SLOW_SIZES = [(224, 224), (208, 416)]
 
 
 def hf_reference(size: str, seed: int = 0):
@@ -88,14 +97,14 @@ def build(size: str, seed: int = 0):
     official = convnext_from_hf(sd)
     cfg = detect_convnext_config(official)
     assert cfg.name == f"dinov3_convnext_{size}"
-    model = DinoConvNeXt(cfg, rngs=nnx.Rngs(0))
+    model = nnx.eval_shape(lambda: DinoConvNeXt(cfg, rngs=nnx.Rngs(0)))
     nnx.update(model, jax.tree.map(jnp.asarray, convnext_from_official(official, cfg)))
     return ref, model
 
 
 def with_cfg(model: DinoConvNeXt, **overrides) -> DinoConvNeXt:
     """The same weights under another config (a numerics change or a deliberate mistake)."""
-    other = DinoConvNeXt(model.cfg.replace(**overrides), rngs=nnx.Rngs(0))
+    other = nnx.eval_shape(lambda: DinoConvNeXt(model.cfg.replace(**overrides), rngs=nnx.Rngs(0)))
     nnx.update(other, model.params())
     return other
 
@@ -168,3 +177,64 @@ def min_cosines(j: dict, t: dict) -> dict[str, float]:
             cos.append(np.sum(a * b, -1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1))
         out[key] = float(np.min(np.concatenate(cos)))
     return out
+
+
+def _nhwc(x: np.ndarray) -> jax.Array:
+    return jnp.asarray(x.transpose(0, 2, 3, 1))
+
+
+def _check(model, ref, size, seed):
+    x = images(size, seed)
+    t = torch_outputs(ref, x)
+    j = jax_outputs(model, _nhwc(x))
+    assert j["x_storage_tokens"].shape == (2, 0, model.cfg.embed_dim)
+    h, w = size[0] // 32, size[1] // 32
+    assert j["x_norm_patchtokens"].shape == (2, h * w, model.cfg.embed_dim)
+    diffs = max_diffs(j, t)
+    bad = {k: v for k, v in diffs.items() if v > TOL[k]}
+    assert not bad, f"over tolerance: {bad} (all: {diffs})"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build("tiny", seed=0)
+
+
+@pytest.mark.parametrize("size", DEFAULT_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_tiny_matches_transformers(tiny, size):
+    ref, model = tiny
+    _check(model, ref, size, seed=size[1])
+
+
+def test_tolerances_catch_a_layernorm_eps_mistake(tiny):
+    """The same weights with LayerNorm eps 1e-5 (the ViTs' value) instead of 1e-6 fail the
+    tolerances: the test can see a one-constant mistake."""
+    ref, model = tiny
+    x = images((224, 224), seed=7)
+    diffs = max_diffs(jax_outputs(with_cfg(model, layernorm_eps=1e-5), _nhwc(x)),
+                      torch_outputs(ref, x))  # fmt: skip
+    for key in ("x_norm_clstoken", "stages", "stage_cls", "intermediate"):
+        assert diffs[key] > 1.5 * TOL[key], (key, diffs[key])
+
+
+def test_bfloat16_compute_keeps_the_cosine(tiny):
+    ref, model = tiny
+    x = images((224, 224), seed=8)
+    j = jax_outputs(with_cfg(model, dtype="bfloat16"), _nhwc(x), precision="default")
+    assert j["x_norm_clstoken"].dtype == jnp.bfloat16
+    cos = min_cosines(j, torch_outputs(ref, x))
+    assert min(cos.values()) >= BF16_COSINE, cos
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", SLOW_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("arch", ["small", "base", "large"])
+def test_full_size_models_match_transformers(arch, size):
+    """Full width and depth (27 blocks in stage 2), float32; bfloat16 at 224 x 224."""
+    ref, model = build(arch, seed=1)
+    _check(model, ref, size, seed=size[1])
+    if size == (224, 224):
+        x = images(size, seed=8)
+        j = jax_outputs(with_cfg(model, dtype="bfloat16"), _nhwc(x), precision="default")
+        cos = min_cosines(j, torch_outputs(ref, x))
+        assert min(cos.values()) >= BF16_COSINE, cos
