@@ -30,8 +30,8 @@ from dinojax.models.config import get_config
 from dinojax.models.convnext import (
     CONVNEXT_ARCHITECTURES,
     ConvNeXtConfig,
+    DinoConvNeXt,
     abstract_convnext_params,
-    create_convnext,
 )
 
 SMALL = ConvNeXtConfig(depths=(1, 2, 3, 1), dims=(8, 16, 24, 32))
@@ -76,7 +76,7 @@ def test_official_to_jax_to_official_is_bit_exact():
     for k in sd:
         assert back[k].dtype == np.float32 and np.array_equal(back[k], sd[k]), k
     # The tree is exactly what the model holds: nnx.update takes it, and the model gives it back.
-    model = create_convnext(SMALL, seed=3)
+    model = nnx.eval_shape(lambda: DinoConvNeXt(SMALL, rngs=nnx.Rngs(0)))
     nnx.update(model, jax.tree.map(jnp.asarray, params))
     again = convnext_to_official(model.params(), SMALL)
     assert all(np.array_equal(again[k], sd[k]) for k in sd)

@@ -25,6 +25,7 @@ from dinojax.models.convnext import (
     _drop_path,
     abstract_convnext_params,
     block_forward,
+    create_convnext,
     get_convnext_config,
     run_stage,
 )
@@ -105,6 +106,25 @@ def test_config_overrides_and_errors():
             get_convnext_config("dinov3_convnext_tiny", **bad)
     with pytest.raises(ValueError, match="unknown ConvNeXt architecture 'dinov3_convnext_huge'"):
         get_convnext_config("dinov3_convnext_huge")
+
+
+def test_create_convnext_initialises_like_the_official_module():
+    """`ConvNeXt.init_weights` / `_init_weights`: trunc_normal(std 0.02) Conv2d and Linear
+    weights, zero biases, LayerNorms 1 / 0, gamma = layer_scale_init_value."""
+    cfg = SMALL.replace(dims=(16, 32, 48, 64))
+    model = create_convnext(cfg, seed=1)
+    p = model.params()
+    st = p["stages"][2]
+    np.testing.assert_array_equal(np.asarray(st["gamma"]), np.full((2, 48), 1e-6, np.float32))
+    for ln in (st["norm"], p["norm"], p["downsample_layers"][0][1], p["downsample_layers"][3][0]):
+        assert np.all(np.asarray(ln["scale"]) == 1) and np.all(np.asarray(ln["bias"]) == 0)
+    for conv in (st["dwconv"], st["pwconv1"], p["downsample_layers"][1][1]):
+        assert np.all(np.asarray(conv["bias"]) == 0)
+    w = np.asarray(st["pwconv1"]["kernel"])
+    assert abs(w.std() - 0.02) < 0.002 and np.abs(w).max() < 0.1
+    a, b = create_convnext(cfg, seed=0), create_convnext(cfg, seed=0)
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a.params()),
+                                                    jax.tree.leaves(b.params())))  # fmt: skip
 
 
 def test_public_api_semantics():

@@ -17,9 +17,10 @@ normalised `get_intermediate_layers(2, return_class_token=True)` (stage 2 raw, s
 the final norm, as the official `norms`). bfloat16 compute (float32 parameters) must keep a
 cosine similarity >= 0.999 with the float32 reference for every token.
 
-CI time (2 cores): tiny runs in the default suite at 224 x 224, 208 x 416 (odd: 13 x 26 tokens
-at stride 16 and 6 x 13 at stride 32, so the last downsampling drops a row) and 512 x 768; small,
-base and large (full width and depth) run under `-m slow`.
+CI time (2 cores): tiny runs in the default suite at 224 x 224 and 208 x 416 (odd: 13 x 26
+tokens at stride 16 and 6 x 13 at stride 32, so the last downsampling drops a row), with the
+LayerNorm-eps and bfloat16 checks; tiny at 512 x 768 and small, base and large (full width and
+depth) at 224 x 224 and 208 x 416 run under `-m slow`.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ TOL = {
 }
 # bfloat16 compute: smallest per-token cosine measured 0.99988 (large), 0.99992 (tiny).
 BF16_COSINE = 0.999
-DEFAULT_SIZES = [(224, 224), (208, 416), (512, 768)]
+DEFAULT_SIZES = [(224, 224), (208, 416)]
 SLOW_SIZES = [(224, 224), (208, 416)]
 
 
@@ -200,7 +201,11 @@ def tiny():
     return build("tiny", seed=0)
 
 
-@pytest.mark.parametrize("size", DEFAULT_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize(
+    "size",
+    [*DEFAULT_SIZES, pytest.param((512, 768), marks=pytest.mark.slow)],
+    ids=lambda s: f"{s[0]}x{s[1]}",
+)
 def test_tiny_matches_transformers(tiny, size):
     ref, model = tiny
     _check(model, ref, size, seed=size[1])
