@@ -136,6 +136,18 @@ def convnext_to_official(params: dict, cfg: ConvNeXtConfig) -> dict[str, np.ndar
     return out
 
 
+def convnext_int_keys(tree: dict) -> dict:
+    """The list indices of a parameter tree as int keys (`downsample_layers`, `stages`): orbax
+    restores dict keys as strings ('0'), which `nnx.update` refuses for an `nnx.List`. Other keys
+    and the values are unchanged; int keys stay as they are."""
+    return {
+        (int(k) if isinstance(k, str) and k.isdigit() else k): (
+            convnext_int_keys(v) if isinstance(v, dict) else v
+        )
+        for k, v in tree.items()
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # Architecture detection
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from dinojax.convert.backbone import ConversionError, expected_official_shapes
 from dinojax.convert.convnext import (
     convnext_from_hf,
     convnext_from_official,
+    convnext_int_keys,
     convnext_to_hf,
     convnext_to_official,
     detect_convnext_config,
@@ -68,6 +69,10 @@ def _hf_model(cfg: ConvNeXtConfig, seed: int):
     return m.eval()
 
 
+def _str_keys(tree: dict) -> dict:
+    return {str(k): _str_keys(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
+
 def test_official_to_jax_to_official_is_bit_exact():
     sd = _random_official(SMALL)
     params = convnext_from_official(sd, SMALL)
@@ -80,6 +85,12 @@ def test_official_to_jax_to_official_is_bit_exact():
     nnx.update(model, jax.tree.map(jnp.asarray, params))
     again = convnext_to_official(model.params(), SMALL)
     assert all(np.array_equal(again[k], sd[k]) for k in sd)
+    # A tree restored by orbax has string list indices: nnx.update needs them as ints again.
+    as_restored = _str_keys(params)
+    assert "0" in as_restored["stages"] and 0 not in as_restored["stages"]
+    nnx.update(model, jax.tree.map(jnp.asarray, convnext_int_keys(as_restored)))
+    assert np.array_equal(model.params()["stages"][1]["gamma"], params["stages"][1]["gamma"])
+    assert convnext_int_keys(params).keys() == params.keys()
     # Layouts: stacked blocks and transposed kernels.
     st = params["stages"][2]
     assert st["dwconv"]["kernel"].shape == (3, 7, 7, 1, 24)
