@@ -34,7 +34,7 @@ from dinojax.convert.backbone import (
     to_hf,
     to_official,
 )
-from dinojax.convert.io import FILE_SUFFIXES, read_file, write_file
+from dinojax.convert.io import FILE_SUFFIXES, is_tensor, read_file, unread, write_file
 from dinojax.convert.layout import stack_blocks, unstack_blocks
 from dinojax.models.config import ViTConfig
 
@@ -53,9 +53,13 @@ def _unwrap(sd: dict) -> dict:
 
 
 def split_checkpoint(obj: dict, which: str = "teacher") -> tuple[str, dict, dict, dict]:
-    """Identify the format -> (format, backbone state dict, {head name: state dict}, extras)."""
+    """Identify the format -> (format, backbone state dict, {head name: state dict}, extras).
+
+    `obj` is a `read_file` result or an in-memory dict; the state dicts returned hold its
+    tensors unread (`dinojax.convert.io.LazyTensor`) or its arrays."""
     if which not in ("teacher", "student"):
         raise ConversionError(f"which must be 'teacher' or 'student', got {which!r}")
+    obj = unread(obj)  # tensors of a `read_file` result stay in the file until converted
     if any(isinstance(v, dict) for v in obj.values()):
         if which not in obj or not isinstance(obj[which], dict):
             raise ConversionError(
@@ -80,7 +84,7 @@ def split_checkpoint(obj: dict, which: str = "teacher") -> tuple[str, dict, dict
         if v1 and isinstance(obj.get("dino_loss"), dict) and "center" in obj["dino_loss"]:
             extras["dino_center"] = np.asarray(obj["dino_loss"]["center"], np.float32)
         return ("dino_v1" if v1 else "teacher"), backbone, heads, extras
-    flat = {k: v for k, v in obj.items() if isinstance(v, np.ndarray)}
+    flat = {k: v for k, v in obj.items() if is_tensor(v)}
     if len(flat) != len(obj):
         bad = sorted(f"{k}: {type(v).__name__}" for k, v in obj.items() if k not in flat)
         raise ConversionError(
