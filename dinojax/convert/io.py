@@ -452,3 +452,170 @@ def _flatten_nested(state: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming writers: the file's layout is fixed from the tensors' shapes and dtypes first, then
+# each tensor is written as it is produced and dropped, so a whole state dict is never held.
+# ---------------------------------------------------------------------------------------------
+
+_ALIGN = 64  # torch aligns storage records to 64 bytes (`.storage_alignment`; mmap loading)
+
+
+class TensorFileWriter:
+    """Write a (possibly nested) state dict to a `.pth` or `.safetensors` file one tensor at a
+    time: `specs` maps each key path (tuple of dict keys) to (shape, dtype) in the order
+    `write` will be called; `close()` checks every tensor was written and renames the file into
+    place (nothing is left behind on error, see `abort`).
+
+    `.pth`: the zip layout `torch.save` writes (`<archive>/data.pkl` pickling each tensor as
+    `torch._utils._rebuild_tensor_v2` of a storage record `<archive>/data/<i>`), loadable by
+    `torch.load(weights_only=True)`. `.safetensors`: keys joined with ".".
+    """
+
+    def __init__(self, path: str | os.PathLike, specs: dict[tuple[str, ...], tuple]):
+        self.path = Path(path)
+        if self.path.suffix != ".safetensors" and self.path.suffix not in TORCH_SUFFIXES:
+            raise ConversionError(f"{path}: unknown output format (use .pth or .safetensors)")
+        self.specs = {k: (tuple(int(n) for n in s), np.dtype(d)) for k, (s, d) in specs.items()}
+        self.order = list(self.specs)
+        self.done = 0
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        if self.path.suffix == ".safetensors":
+            self._open_safetensors()
+        else:
+            self._open_torch()
+
+    # safetensors: header with every offset first, then the bytes in `specs` order
+    def _open_safetensors(self):
+        names = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
+                 np.dtype(np.float64): "F64", np.dtype(np.int64): "I64",
+                 np.dtype(np.int32): "I32", np.dtype(np.uint8): "U8"}  # fmt: skip
+        header, offset = {}, 0
+        for key, (shape, dtype) in self.specs.items():
+            if dtype not in names:
+                raise ConversionError(f"{'.'.join(key)}: cannot write dtype {dtype} to safetensors")
+            size = math.prod(shape) * dtype.itemsize
+            header[".".join(key)] = {
+                "dtype": names[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]
+            }  # fmt: skip
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        self.file = open(self.tmp, "wb")
+        self.file.write(struct.pack("<Q", len(raw)) + raw)
+
+    # torch zip: storage records as tensors come, data.pkl and the small records at the end
+    def _open_torch(self):
+        self.archive = self.path.stem or "archive"
+        self.zip = zipfile.ZipFile(self.tmp, "w", zipfile.ZIP_STORED, allowZip64=True)
+
+    def write(self, key: tuple[str, ...], value: np.ndarray) -> None:
+        if self.done >= len(self.order) or self.order[self.done] != key:
+            want = self.order[self.done] if self.done < len(self.order) else "nothing"
+            raise ConversionError(f"writer: got {'.'.join(key)}, expected {want}")
+        shape, dtype = self.specs[key]
+        value = np.asarray(value, dtype=dtype)
+        if not value.flags.c_contiguous:  # (np.ascontiguousarray would make 0-d arrays 1-d)
+            value = value.copy(order="C")
+        if value.shape != shape:
+            raise ConversionError(f"{'.'.join(key)}: got shape {value.shape}, expected {shape}")
+        data = memoryview(value.reshape(-1)).cast("B") if value.size else b""
+        if self.path.suffix == ".safetensors":
+            self.file.write(data)
+        else:
+            name = f"{self.archive}/data/{self.done}"
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_STORED
+            info.file_size = value.nbytes
+            zip64 = value.nbytes * 1.05 > zipfile.ZIP64_LIMIT
+            start = self.zip.fp.tell() + 30 + len(name.encode()) + 4 + (20 if zip64 else 0)
+            pad = -start % _ALIGN
+            info.extra = b"FB" + struct.pack("<H", pad) + b"Z" * pad
+            with self.zip.open(info, "w", force_zip64=zip64) as f:
+                f.write(data)
+        self.done += 1
+
+    def close(self, structure_order: list[tuple[str, ...]] | None = None) -> None:
+        """Finish the file and move it into place. `structure_order`: the key order of the
+        dicts in the file (default: the write order)."""
+        if self.done != len(self.order):
+            raise ConversionError(f"writer: {len(self.order) - self.done} tensors not written")
+        try:
+            if self.path.suffix == ".safetensors":
+                self.file.close()
+            else:
+                index = {k: i for i, k in enumerate(self.order)}
+                obj: dict = {}
+                for key in structure_order or self.order:
+                    node = obj
+                    for part in key[:-1]:
+                        node = node.setdefault(part, {})
+                    node[key[-1]] = _TensorRef(index[key], *self.specs[key])
+                self._record("data.pkl", _pickle_state(obj))
+                self._record("byteorder", b"little")
+                self._record("version", b"3\n")
+                self._record(".format_version", b"1")
+                self._record(".storage_alignment", str(_ALIGN).encode())
+                self.zip.close()
+            os.replace(self.tmp, self.path)
+        finally:
+            self.abort()
+
+    def _record(self, name: str, data: bytes) -> None:
+        info = zipfile.ZipInfo(f"{self.archive}/{name}", date_time=(1980, 1, 1, 0, 0, 0))
+        self.zip.writestr(info, data, compress_type=zipfile.ZIP_STORED)
+
+    def abort(self) -> None:
+        """Close and delete the temporary file (after `close`, a no-op)."""
+        for handle in ("file", "zip"):
+            if hasattr(self, handle):
+                try:
+                    getattr(self, handle).close()
+                except Exception:  # noqa: BLE001 - already failing or closed: just clean up
+                    pass
+        if self.tmp.exists():
+            self.tmp.unlink()
+
+
+class _TensorRef:
+    def __init__(self, key: int, shape: tuple, dtype: np.dtype):
+        self.key, self.shape, self.dtype = key, shape, dtype
+
+
+_TORCH_STORAGE = {np.dtype(v): k for k, v in _STORAGE_DTYPES.items() if v != "bfloat16"}
+
+
+def _pickle_state(obj: dict) -> bytes:
+    """data.pkl of `torch.save(obj)` for a nested dict of `_TensorRef`s: protocol 2, each tensor
+    `torch._utils._rebuild_tensor_v2(storage, 0, shape, stride, False, OrderedDict())` with the
+    storage as the persistent id ("storage", torch.<Type>Storage, key, "cpu", numel)."""
+    torch = _torch()
+    rebuild = torch._utils._rebuild_tensor_v2
+
+    class _Storage:
+        def __init__(self, ref):
+            self.ref = ref
+
+    class _Pickler(pickle.Pickler):
+        def persistent_id(self, o):
+            if isinstance(o, _Storage):
+                r = o.ref
+                kind = getattr(torch, _TORCH_STORAGE[r.dtype])
+                return ("storage", kind, str(r.key), "cpu", math.prod(r.shape))
+            return None
+
+        def reducer_override(self, o):
+            if isinstance(o, _TensorRef):
+                stride, step = [], 1
+                for n in reversed(o.shape):
+                    stride.insert(0, step)
+                    step *= n
+                args = (_Storage(o), 0, tuple(o.shape), tuple(stride), False,
+                        collections.OrderedDict())  # fmt: skip
+                return rebuild, args
+            return NotImplemented
+
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=2).dump(obj)
+    return buf.getvalue()
