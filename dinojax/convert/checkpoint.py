@@ -197,9 +197,16 @@ def save(dst: str | os.PathLike, tree: dict, meta: dict, *, overwrite: bool = Fa
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save(tmp / "state", jax.tree.map(np.asarray, tree))
-        ckptr.wait_until_finished()
+        # Memory: orbax's default NumPy handler deep-copies every array before writing, and zstd
+        # compression buffers the compressed chunks of every array at once; either doubles the
+        # resident set. Without both, tensorstore writes straight from the arrays (float weights
+        # barely compress anyway). Restoring reads either kind.
+        registry = ocp.type_handlers.create_type_handler_registry(
+            (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False))
+        )
+        handler = ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
+        with ocp.Checkpointer(handler) as ckptr:
+            ckptr.save(tmp / "state", args=ocp.args.PyTreeSave(jax.tree.map(np.asarray, tree)))
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
         if dst.exists():
             if not overwrite and any(dst.iterdir()):

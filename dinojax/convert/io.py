@@ -507,6 +507,7 @@ class TensorFileWriter:
 
     # torch zip: storage records as tensors come, data.pkl and the small records at the end
     def _open_torch(self):
+        _torch()  # needed for data.pkl at the end: fail (and import) before any tensor
         self.archive = self.path.stem or "archive"
         self.zip = zipfile.ZipFile(self.tmp, "w", zipfile.ZIP_STORED, allowZip64=True)
 
