@@ -299,8 +299,9 @@ def restore_target(
 
 
 def bytes_per_device(target) -> dict:
-    """{device id: bytes} that a restore `target` (sharded ShapeDtypeStructs) puts on each device
-    (a fully addressable mesh; `jax.sharding.AbstractMesh` shardings count as `0..n-1`)."""
+    """{position in the mesh (0..n-1): bytes} that a restore `target` (ShapeDtypeStructs with
+    NamedShardings, on a `Mesh` or a deviceless `jax.sharding.AbstractMesh`) puts on each device.
+    `spec_for` only splits evenly divisible axes, so every device holds the same shard shape."""
     out: dict = {}
     for a in jax.tree.leaves(target):
         shard = int(np.prod(a.sharding.shard_shape(a.shape))) * np.dtype(a.dtype).itemsize
