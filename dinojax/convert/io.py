@@ -84,10 +84,8 @@ def read_file(path: str | os.PathLike) -> LazyStateDict:
             raise ConversionError(f"{path} is not a readable safetensors file ({_brief(e)})") from e
     try:
         obj = read_torch_zip(path)
-    except _Unsupported:
+    except Exception:  # noqa: BLE001 - _Unsupported, or damage: torch.load has the last word
         obj = _torch_load(path)
-    except Exception as e:
-        raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({_brief(e)})") from e
     if not isinstance(obj, Mapping):
         what = "Tensor" if isinstance(obj, LazyTensor) else type(obj).__name__
         raise ConversionError(f"{path} holds a {what}, not a state dict")
