@@ -124,7 +124,11 @@ def convert(
     which: str = "teacher",
     overwrite: bool = False,
 ) -> ViTConfig:
-    """Convert an official checkpoint file to a dinojax checkpoint directory (atomically)."""
+    """Convert an official checkpoint file to a dinojax checkpoint directory (atomically).
+
+    Streams: the file's structure, shapes and dtypes are checked first (heads, which are small,
+    are converted then too), then the backbone tensors are read one at a time into the stacked
+    arrays, which orbax writes without copying: peak memory ~1x the backbone (README "Memory")."""
     dst = Path(dst)
     if dst.suffix in FILE_SUFFIXES:
         raise ConversionError(
@@ -136,7 +140,6 @@ def convert(
     obj = read_file(src)
     fmt, backbone_sd, head_sds, extras = split_checkpoint(obj, which)
     cfg = detect_config(backbone_sd, arch)
-    params = from_official(backbone_sd, cfg)
     heads, head_cfgs = {}, {}
     for name, sd in head_sds.items():
         from dinojax.convert import heads as head_conv
@@ -146,6 +149,7 @@ def convert(
             heads[name] = head_conv.dino_head_from_torch(sd)
         except ValueError as e:
             raise ConversionError(f"{name}: {e}") from e
+    params = from_official(backbone_sd, cfg)
     tree = {"backbone": params, "heads": heads, "extras": extras}
     meta = {
         "format": "dinojax",
