@@ -25,7 +25,23 @@ from jax.sharding import PartitionSpec as P
 
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
 
+# FSDP over a ("data", "fsdp") mesh: the rules of the training recipes (configs/common.py
+# `c.mesh.rules`; a test keeps the two equal), also the default of `dinojax.load(..., mesh=)`.
+FSDP_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", None),
+    ("qkv", None),
+    ("heads", None),
+    ("norm", None),
+    ("layers", None),
+    ("hidden", "fsdp"),
+    ("bottleneck", None),
+    ("prototypes", "fsdp"),
+)
+
 __all__ = [
+    "FSDP_RULES",
     "assert_sharded",
     "batch_axes",
     "batch_sharding",

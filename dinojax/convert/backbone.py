@@ -83,7 +83,7 @@ def _official_key(path: str) -> str:
 
 
 def _to_ours(path: str, value: np.ndarray) -> np.ndarray:
-    value = np.asarray(value)
+    value = np.asarray(value)  # a view for arrays; reads an unread tensor
     *parents, leaf = path.split(".")
     if parents and LEAF_RULES[leaf][1] == "transpose":
         return np.transpose(value, _FROM_OIHW) if value.ndim == 4 else np.swapaxes(value, -1, -2)
@@ -131,10 +131,13 @@ def check_keys(sd: dict[str, np.ndarray], expected: dict[str, tuple], what: str)
 
 
 def check_values(sd: dict) -> None:
-    """Every value a floating-point array (a backbone has no integer buffers)."""
+    """Every value a floating-point array (a backbone has no integer buffers). Only dtypes are
+    looked at: unread tensors (`dinojax.convert.io.LazyTensor`) stay unread."""
+    from dinojax.convert.io import is_tensor
+
     bad = []
     for k, v in sd.items():
-        if not isinstance(v, np.ndarray):
+        if not is_tensor(v):
             bad.append(f"{k}: {type(v).__name__}, not a tensor")
         elif v.dtype.kind != "f":
             bad.append(f"{k}: dtype {v.dtype}")
@@ -143,18 +146,28 @@ def check_values(sd: dict) -> None:
 
 
 def from_official(sd: dict[str, np.ndarray], cfg: ViTConfig) -> dict:
-    """Official flat state dict -> dinojax parameters (strict: errors name every bad key)."""
+    """Official flat state dict -> dinojax parameters (strict: errors name every bad key).
+
+    Keys, shapes and dtypes are all checked before any value is read, so unread tensors
+    (`dinojax.convert.io.read_file`) are read only for a valid checkpoint, one at a time, each
+    placed into its slot of the pre-allocated stacked block arrays: at most one copy of the model
+    plus one tensor is held."""
+    from dinojax.convert.io import materialize
+
     check_values(sd)
     check_keys(sd, expected_official_shapes(cfg), f"state dict for {cfg.name}")
     params: dict = {}
-    for path in _abstract_flat(cfg):
+    for path, spec in _abstract_flat(cfg).items():
         if path.startswith("blocks."):
             rest = path[len("blocks.") :]
             key = _official_key(rest)
-            value = np.stack([_to_ours(rest, sd[f"blocks.{i}.{key}"]) for i in range(cfg.depth)])
+            value = np.empty(spec.shape, np.float32)
+            for i in range(cfg.depth):
+                value[i] = _to_ours(rest, materialize(sd[f"blocks.{i}.{key}"]))
         else:
-            value = _to_ours(path, sd[_official_key(path)])
-        _set(params, path, np.ascontiguousarray(value, dtype=np.float32))
+            value = np.ascontiguousarray(_to_ours(path, materialize(sd[_official_key(path)])),
+                                         dtype=np.float32)  # fmt: skip
+        _set(params, path, value)
     return params
 
 
@@ -208,7 +221,10 @@ def is_hf(sd: dict) -> bool:
 
 
 def from_hf(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Hugging Face Dinov2Model / Dinov2WithRegistersModel keys -> official keys."""
+    """Hugging Face Dinov2Model / Dinov2WithRegistersModel keys -> official keys. Unread tensors
+    stay unread (the packed q/k/v concatenation happens when the result is read)."""
+    from dinojax.convert.io import lazy_concatenate
+
     sd = {k.removeprefix("dinov2."): v for k, v in sd.items()}
     out: dict[str, np.ndarray] = {}
     parts: dict[tuple[int, str, str], dict[str, np.ndarray]] = {}
@@ -247,13 +263,13 @@ def from_hf(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = 3 if group == "attn.qkv" else 2
         if sorted(slots) != list(range(n)):
             raise ConversionError(f"incomplete {group} projections in HF layer {i} ({leaf})")
-        pieces = [np.asarray(slots[j]) for j in range(n)]
-        if len({p.shape for p in pieces}) != 1:
+        pieces = [slots[j] for j in range(n)]  # arrays or unread tensors: only shapes here
+        if len({tuple(p.shape) for p in pieces}) != 1:
             raise ConversionError(
                 f"{group} projections in HF layer {i} ({leaf}) have different shapes: "
-                f"{[p.shape for p in pieces]}"
+                f"{[tuple(p.shape) for p in pieces]}"
             )
-        out[f"blocks.{i}.{group}.{leaf}"] = np.concatenate(pieces, axis=0)
+        out[f"blocks.{i}.{group}.{leaf}"] = lazy_concatenate(pieces, axis=0)
     return out
 
 

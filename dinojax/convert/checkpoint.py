@@ -34,8 +34,14 @@ from dinojax.convert.backbone import (
     to_hf,
     to_official,
 )
-from dinojax.convert.io import FILE_SUFFIXES, read_file, write_file
-from dinojax.convert.layout import stack_blocks, unstack_blocks
+from dinojax.convert.io import (
+    FILE_SUFFIXES,
+    TensorFileWriter,
+    is_tensor,
+    read_file,
+    unread,
+)
+from dinojax.convert.layout import stack_blocks
 from dinojax.models.config import ViTConfig
 
 FORMAT_VERSION = 1
@@ -53,9 +59,13 @@ def _unwrap(sd: dict) -> dict:
 
 
 def split_checkpoint(obj: dict, which: str = "teacher") -> tuple[str, dict, dict, dict]:
-    """Identify the format -> (format, backbone state dict, {head name: state dict}, extras)."""
+    """Identify the format -> (format, backbone state dict, {head name: state dict}, extras).
+
+    `obj` is a `read_file` result or an in-memory dict; the state dicts returned hold its
+    tensors unread (`dinojax.convert.io.LazyTensor`) or its arrays."""
     if which not in ("teacher", "student"):
         raise ConversionError(f"which must be 'teacher' or 'student', got {which!r}")
+    obj = unread(obj)  # tensors of a `read_file` result stay in the file until converted
     if any(isinstance(v, dict) for v in obj.values()):
         if which not in obj or not isinstance(obj[which], dict):
             raise ConversionError(
@@ -80,7 +90,7 @@ def split_checkpoint(obj: dict, which: str = "teacher") -> tuple[str, dict, dict
         if v1 and isinstance(obj.get("dino_loss"), dict) and "center" in obj["dino_loss"]:
             extras["dino_center"] = np.asarray(obj["dino_loss"]["center"], np.float32)
         return ("dino_v1" if v1 else "teacher"), backbone, heads, extras
-    flat = {k: v for k, v in obj.items() if isinstance(v, np.ndarray)}
+    flat = {k: v for k, v in obj.items() if is_tensor(v)}
     if len(flat) != len(obj):
         bad = sorted(f"{k}: {type(v).__name__}" for k, v in obj.items() if k not in flat)
         raise ConversionError(
@@ -114,7 +124,11 @@ def convert(
     which: str = "teacher",
     overwrite: bool = False,
 ) -> ViTConfig:
-    """Convert an official checkpoint file to a dinojax checkpoint directory (atomically)."""
+    """Convert an official checkpoint file to a dinojax checkpoint directory (atomically).
+
+    Streams: the file's structure, shapes and dtypes are checked first (heads, which are small,
+    are converted then too), then the backbone tensors are read one at a time into the stacked
+    arrays, which orbax writes without copying: peak memory ~1x the backbone (README "Memory")."""
     dst = Path(dst)
     if dst.suffix in FILE_SUFFIXES:
         raise ConversionError(
@@ -126,7 +140,6 @@ def convert(
     obj = read_file(src)
     fmt, backbone_sd, head_sds, extras = split_checkpoint(obj, which)
     cfg = detect_config(backbone_sd, arch)
-    params = from_official(backbone_sd, cfg)
     heads, head_cfgs = {}, {}
     for name, sd in head_sds.items():
         from dinojax.convert import heads as head_conv
@@ -136,6 +149,7 @@ def convert(
             heads[name] = head_conv.dino_head_from_torch(sd)
         except ValueError as e:
             raise ConversionError(f"{name}: {e}") from e
+    params = from_official(backbone_sd, cfg)
     tree = {"backbone": params, "heads": heads, "extras": extras}
     meta = {
         "format": "dinojax",
@@ -187,9 +201,16 @@ def save(dst: str | os.PathLike, tree: dict, meta: dict, *, overwrite: bool = Fa
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save(tmp / "state", jax.tree.map(np.asarray, tree))
-        ckptr.wait_until_finished()
+        # Memory: orbax's default NumPy handler deep-copies every array before writing, and zstd
+        # compression buffers the compressed chunks of every array at once; either doubles the
+        # resident set. Without both, tensorstore writes straight from the arrays (float weights
+        # barely compress anyway). Restoring reads either kind.
+        registry = ocp.type_handlers.create_type_handler_registry(
+            (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False))
+        )
+        handler = ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
+        with ocp.Checkpointer(handler) as ckptr:
+            ckptr.save(tmp / "state", args=ocp.args.PyTreeSave(jax.tree.map(np.asarray, tree)))
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
         if dst.exists():
             if not overwrite and any(dst.iterdir()):
@@ -225,44 +246,161 @@ def read_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
-def restore_tree(path: str | os.PathLike) -> tuple[dict, dict]:
-    """-> (tree of numpy arrays, metadata). Shapes are checked against the recorded config."""
-    import orbax.checkpoint as ocp
+def abstract_modules(meta: dict, **overrides) -> tuple[object, dict]:
+    """The checkpoint's modules, abstract (`nnx.eval_shape`: shapes, dtypes and the parameters'
+    logical axis names, nothing allocated) -> (backbone, {head name: head}). `overrides` change
+    run-time fields of the backbone config."""
     from flax import nnx
 
-    from dinojax.models.vit import abstract_params
+    from dinojax.models.vit import DinoVisionTransformer
+
+    cfg = ViTConfig.from_dict(meta["arch"])
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    backbone = nnx.eval_shape(lambda: DinoVisionTransformer(cfg, rngs=nnx.Rngs(0)))
+    heads = {name: nnx.eval_shape(_head_module(h)) for name, h in meta["heads"].items()}
+    return backbone, heads
+
+
+def restore_target(
+    path: str | os.PathLike, meta: dict | None = None, *, mesh=None, rules=None
+) -> dict:
+    """What `path` restores to, as ShapeDtypeStructs {backbone, heads, extras} (stacked blocks).
+
+    With a `mesh`, each carries the NamedSharding its logical axis names get from `rules`
+    (default `dinojax.sharding.FSDP_RULES`): large parameters split over the mesh, like the
+    trainer's state. Nothing is allocated: `jax.eval_shape`-level, usable for memory planning.
+    """
+    from flax import nnx
+
+    from dinojax.sharding import FSDP_RULES, logical_names, logical_to_mesh_sharding
 
     path = Path(path).absolute()
-    meta = read_meta(path)
-    cfg = ViTConfig.from_dict(meta["arch"])
-    heads = {}
-    for name, hcfg in meta["heads"].items():
-        head = nnx.eval_shape(_head_module(hcfg))
-        heads[name] = nnx.to_pure_dict(nnx.state(head, nnx.Param))
+    meta = read_meta(path) if meta is None else meta
+    backbone, heads = abstract_modules(meta)
+
+    def pure(module):
+        return nnx.to_pure_dict(nnx.state(module, nnx.Param))
+
+    tree = {"backbone": pure(backbone), "heads": {n: pure(h) for n, h in heads.items()},
+            "extras": {}}  # fmt: skip
+    names = {"backbone": logical_names(backbone),
+             "heads": {n: logical_names(h) for n, h in heads.items()}, "extras": {}}  # fmt: skip
+    if meta.get("extras"):
+        on_disk = _on_disk_metadata(path)
+        for name in meta["extras"]:
+            try:
+                shape = tuple(on_disk["extras"][name].shape)
+            except (KeyError, TypeError, AttributeError) as e:
+                raise ConversionError(f"{path}: extra {name!r} is not in the checkpoint") from e
+            tree["extras"][name] = jax.ShapeDtypeStruct(shape, np.float32)
+    if mesh is None:
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+    shardings = logical_to_mesh_sharding(tree, mesh, FSDP_RULES if rules is None else rules, names)
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings
+    )
+
+
+def bytes_per_device(target) -> dict:
+    """{position in the mesh (0..n-1): bytes} that a restore `target` (ShapeDtypeStructs with
+    NamedShardings, on a `Mesh` or a deviceless `jax.sharding.AbstractMesh`) puts on each device.
+    `spec_for` only splits evenly divisible axes, so every device holds the same shard shape."""
+    out: dict = {}
+    for a in jax.tree.leaves(target):
+        shard = int(np.prod(a.sharding.shard_shape(a.shape))) * np.dtype(a.dtype).itemsize
+        mesh = a.sharding.mesh
+        n = int(np.prod(list(mesh.shape.values())))
+        for d in range(n):
+            out[d] = out.get(d, 0) + shard
+    return out
+
+
+def _on_disk_metadata(path: Path):
+    import orbax.checkpoint as ocp
+
+    try:
+        on_disk = ocp.StandardCheckpointer().metadata(path / "state")
+    except Exception as e:
+        raise ConversionError(f"{path}: cannot read the checkpoint metadata ({_brief(e)})") from e
+    return getattr(on_disk, "item_metadata", on_disk)
+
+
+def _per_layer(target: dict) -> dict:
+    """A stacked restore target in the per-layer layout (`blocks.{i}`, string keys as orbax
+    stores them); a sharded stacked leaf gives per-layer leaves sharded the same way."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    def take(a):
+        sh = a.sharding
+        if isinstance(sh, NamedSharding):
+            sh = NamedSharding(sh.mesh, P(*tuple(sh.spec)[1:]))
+        return jax.ShapeDtypeStruct(a.shape[1:], a.dtype, sharding=sh)
+
+    blocks = target["backbone"]["blocks"]
+    depth = jax.tree.leaves(blocks)[0].shape[0]
+    per = {str(i): jax.tree.map(take, blocks) for i in range(depth)}
+    return {**target, "backbone": {**target["backbone"], "blocks": per}}
+
+
+def _restore(path: Path, target: dict, *, as_numpy: bool, partial: bool = False) -> dict:
+    """Restore `target` (ShapeDtypeStructs, sharded or not) from `path/state`: numpy arrays, or
+    jax arrays placed by the targets' shardings (each device reads its own shards)."""
+    import orbax.checkpoint as ocp
+
+    def args(a):
+        if as_numpy:
+            return ocp.RestoreArgs(restore_type=np.ndarray, dtype=a.dtype)
+        return ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype)
+
+    try:
+        restore = ocp.args.PyTreeRestore(
+            item=target, restore_args=jax.tree.map(args, target), partial_restore=partial
+        )
+        with ocp.PyTreeCheckpointer() as ckptr:
+            return ckptr.restore(path / "state", args=restore)
+    except Exception as e:
+        raise ConversionError(f"{path}: cannot restore the checkpoint ({_brief(e)})") from e
+
+
+def _layout(path: Path, meta: dict) -> str:
     layout = meta.get("layout", "stacked")
     if layout not in LAYOUTS:
         raise ConversionError(f"{path}: unknown block layout {layout!r} (expected {LAYOUTS})")
-    backbone = abstract_params(cfg)
-    if layout == "per_layer":
-        # orbax stores dict keys as strings
-        per = unstack_blocks(backbone)
-        backbone = {**per, "blocks": {str(i): b for i, b in per["blocks"].items()}}
-    target = {"backbone": backbone, "heads": heads, "extras": {}}
-    ckptr = ocp.StandardCheckpointer()
-    try:
-        on_disk = ckptr.metadata(path / "state")
-        on_disk = getattr(on_disk, "item_metadata", on_disk)
-        for name in meta.get("extras", []):
-            target["extras"][name] = jax.ShapeDtypeStruct(
-                tuple(on_disk["extras"][name].shape), np.float32
-            )
-        sds = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), target)
-        tree = ckptr.restore(path / "state", sds)
-    except Exception as e:
-        raise ConversionError(f"{path}: cannot restore the checkpoint ({_brief(e)})") from e
-    tree = jax.tree.map(np.asarray, tree)
-    if layout == "per_layer":
+    return layout
+
+
+def restore_tree(path: str | os.PathLike) -> tuple[dict, dict]:
+    """-> (tree of numpy arrays, metadata), blocks stacked. Shapes are checked against the
+    recorded architecture. Host memory: one copy of the checkpoint."""
+    path = Path(path).absolute()
+    meta = read_meta(path)
+    target = restore_target(path, meta)
+    if _layout(path, meta) == "per_layer":
+        tree = _restore(path, _per_layer(target), as_numpy=True)
         tree["backbone"] = stack_blocks(tree["backbone"])
+        return tree, meta
+    return _restore(path, target, as_numpy=True), meta
+
+
+def restore_sharded(path: str | os.PathLike, mesh=None, rules=None) -> tuple[dict, dict]:
+    """-> (tree of jax arrays sharded over `mesh`, metadata); see `load`."""
+    from dinojax.sharding import make_mesh
+
+    path = Path(path).absolute()
+    meta = read_meta(path)
+    mesh = make_mesh((1, -1), ("data", "fsdp")) if mesh is None else mesh
+    target = restore_target(path, meta, mesh=mesh, rules=rules)
+    if _layout(path, meta) == "stacked":
+        return _restore(path, target, as_numpy=False), meta
+    tree = _restore(path, _per_layer(target), as_numpy=False)
+    per = tree["backbone"]["blocks"]
+    stacked = jax.tree.map(
+        lambda t, *xs: jax.jit(lambda *x: jax.numpy.stack(x), out_shardings=t.sharding)(*xs),
+        target["backbone"]["blocks"], *(per[str(i)] for i in range(len(per))),
+    )  # fmt: skip
+    tree["backbone"] = {**tree["backbone"], "blocks": stacked}
     return tree, meta
 
 
@@ -271,29 +409,25 @@ def _brief(e: Exception) -> str:
     return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
 
 
-def load(path: str | os.PathLike, *, heads: bool = False, **overrides):
+def load(path: str | os.PathLike, *, heads: bool = False, mesh=None, rules=None, **overrides):
     """A converted checkpoint -> `DinoVisionTransformer` (and `{name: DINOHead}` if `heads`).
 
-    `overrides` change run-time fields of the config (dtype, attention, remat_policy, ...).
+    The parameters are restored straight into arrays sharded over `mesh` (default: every device,
+    `("data", "fsdp")` = `(1, n)`, as training shards them) by `rules` (default
+    `dinojax.sharding.FSDP_RULES`): each device reads only its own shards, so no device and no
+    host array ever holds the whole model. `overrides` change run-time fields of the config
+    (dtype, attention, remat_policy, ...).
     """
     from flax import nnx
 
-    from dinojax.models.vit import DinoVisionTransformer
-
-    tree, meta = restore_tree(path)
-    cfg = ViTConfig.from_dict(meta["arch"])
-    if overrides:
-        cfg = cfg.replace(**overrides)
-    model = nnx.eval_shape(lambda: DinoVisionTransformer(cfg, rngs=nnx.Rngs(0)))
-    nnx.update(model, jax.tree.map(jax.numpy.asarray, tree["backbone"]))
+    tree, meta = restore_sharded(path, mesh, rules)
+    model, head_modules = abstract_modules(meta, **overrides)
+    nnx.update(model, tree["backbone"])
     if not heads:
         return model
-    out = {}
-    for name, hcfg in meta["heads"].items():
-        head = nnx.eval_shape(_head_module(hcfg))
-        nnx.update(head, jax.tree.map(jax.numpy.asarray, tree["heads"][name]))
-        out[name] = head
-    return model, out
+    for name, head in head_modules.items():
+        nnx.update(head, tree["heads"][name])
+    return model, head_modules
 
 
 def export(
@@ -317,21 +451,82 @@ def export(
         )
     if dst.exists() and not overwrite:
         raise ConversionError(f"{dst} exists (use --overwrite)")
-    tree, meta = restore_tree(src)
-    sd = to_official(tree["backbone"])
+    src = Path(src).absolute()
+    meta = read_meta(src)
     v1 = meta["arch"]["family"] == "dino"
-    if fmt == "hub":
-        write_file(sd, dst)
-        return
-    if fmt == "hf":
-        if v1:
-            raise ConversionError("DINO v1 backbones have no Hugging Face Dinov2 equivalent")
-        write_file(to_hf(sd), dst)
-        return
-    model = {f"backbone.{k}": v for k, v in sd.items()}
-    for name, head in tree["heads"].items():
+    if fmt == "hf" and v1:
+        raise ConversionError("DINO v1 backbones have no Hugging Face Dinov2 equivalent")
+    target = restore_target(src, meta)
+    per_layer = _layout(src, meta) == "per_layer"
+    head_sds = {}
+    if fmt == "teacher" and target["heads"]:
         from dinojax.convert import heads as head_conv
 
-        prefix = "head." if v1 and name == "dino_head" else f"{name}."
-        model.update({prefix + k: v for k, v in head_conv.dino_head_to_torch(head).items()})
-    write_file({"teacher": model}, dst)
+        item = _per_layer(target) if per_layer else target
+        heads = _restore(src, {"heads": item["heads"]}, as_numpy=True, partial=True)["heads"]
+        for name, head in heads.items():
+            prefix = "head." if v1 and name == "dino_head" else f"{name}."
+            sd = head_conv.dino_head_to_torch(head)
+            head_sds.update({(prefix + k): v for k, v in sd.items()})
+
+    def tensors(path: tuple[str, ...], value) -> dict[tuple[str, ...], np.ndarray]:
+        """One backbone leaf (stacked) -> its tensors in the output file."""
+        tree: dict = {}
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+        sd = to_official(tree)
+        if fmt == "hf":
+            sd = to_hf(sd)
+        if fmt == "teacher":
+            return {("teacher", f"backbone.{k}"): v for k, v in sd.items()}
+        return {(k,): v for k, v in sd.items()}
+
+    # The file's layout first, from shapes alone (broadcast zeros allocate nothing) ...
+    leaves = [(tuple(str(k.key) for k in p), a) for p, a in
+              jax.tree_util.tree_leaves_with_path(target["backbone"])]  # fmt: skip
+    specs = {}
+    for path, a in leaves:
+        zeros = np.broadcast_to(np.zeros((), a.dtype), a.shape)
+        specs.update({k: (v.shape, v.dtype) for k, v in tensors(path, zeros).items()})
+    specs.update({("teacher", k): (v.shape, v.dtype) for k, v in head_sds.items()})
+    # ... then one stacked leaf restored, split into its tensors, written and dropped at a time.
+    writer = TensorFileWriter(dst, specs)
+    try:
+        for path, _ in leaves:
+            value = _restore_leaf(src, target, path, per_layer)
+            for key, v in tensors(path, value).items():
+                writer.write(key, v)
+            del value
+        for k, v in head_sds.items():
+            writer.write(("teacher", k), v)
+        writer.close()
+    finally:
+        writer.abort()
+
+
+def _restore_leaf(src: Path, target: dict, path: tuple[str, ...], per_layer: bool) -> np.ndarray:
+    """One backbone leaf as numpy (stacked), restored alone (orbax partial restore)."""
+
+    leaf = _get(target["backbone"], path)
+    if per_layer and path[0] == "blocks":
+        rest = path[1:]
+        sds = jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
+        items = {"blocks": {str(i): _nest(rest, sds) for i in range(leaf.shape[0])}}
+        got = _restore(src, {"backbone": items}, as_numpy=True, partial=True)["backbone"]
+        return np.stack([_get(got["blocks"][str(i)], rest) for i in range(leaf.shape[0])])
+    got = _restore(src, {"backbone": _nest(path, leaf)}, as_numpy=True, partial=True)
+    return _get(got["backbone"], path)
+
+
+def _nest(path: tuple[str, ...], value) -> dict:
+    for k in reversed(path):
+        value = {k: value}
+    return value
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+    for k in path:
+        tree = tree[k]
+    return tree

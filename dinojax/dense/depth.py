@@ -228,7 +228,7 @@ def linear_head_config(
 def init_head_params(head_cfg: dict, seed: int = 0) -> dict:
     """Fresh weights: torch's default conv / linear init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for
     weights and biases (fan_in = torch weight.shape[1] * kh * kw)."""
-    from dinojax.convert.dense_depth import _get, _path, _set, jax_shape
+    from dinojax.convert.dense_depth import _path, _set, jax_shape
 
     tree: dict = {}
     key = jax.random.key(seed)
@@ -241,7 +241,6 @@ def init_head_params(head_cfg: dict, seed: int = 0) -> dict:
             jax.random.fold_in(key, i), jax_shape(k, shape), jnp.float32, -bound, bound
         )
         _set(tree, _path(k), np.asarray(val))
-    del _get
     return tree
 
 

@@ -345,7 +345,7 @@ def evaluate_head(
     from dinojax.dense.depth import Depther, DepthHead
     from dinojax.dense.depth_metrics import DepthMetrics
 
-    images, depths = _load(source, dataclasses.replace(cfg), "val")
+    images, depths = _load(source, cfg, "val")
     depther = Depther(
         model,
         DepthHead(head_cfg, params),

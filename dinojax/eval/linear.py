@@ -36,7 +36,7 @@ import argparse
 import dataclasses
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -83,7 +83,7 @@ def load_linear_head(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if hub.is_name(path):  # a released head by name, e.g. dinov2_vits14_linear4_head
         return hub.load(path, expect="linear_head")
     sd = read_file(path)
-    if isinstance(sd.get("state_dict"), dict):  # DINO v1 eval_linear.py checkpoint
+    if isinstance(sd.get("state_dict"), Mapping):  # DINO v1 eval_linear.py checkpoint
         sd = sd["state_dict"]
     sd = {k.removeprefix("module.").removeprefix("linear."): v for k, v in sd.items()}
     if set(sd) != {"weight", "bias"}:
