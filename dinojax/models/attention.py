@@ -61,7 +61,7 @@ def _splash_kernel(n: int, n_pad: int, heads: int, interpret: bool):
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     # Every query (the padded ones too: their rows are dropped afterwards) attends to the n real
-    # keys only; no row is empty, and kv blocks holding padding alone are skipped by the kernel.
+    # keys only, so no row is empty; only the last kv block is partial (a static block mask).
     keep = np.zeros((n_pad, n_pad), np.bool_)
     keep[:, :n] = True
     mask = sa.MultiHeadMask([sa.NumpyMask(keep)] * heads)
@@ -80,6 +80,7 @@ def _shard_axes(mesh, batch: int) -> tuple[str, ...]:
     # use), keeping the leading ones whose product divides the batch: a batch that does not split
     # evenly is gathered by shard_map instead of failing.
     axes = batch_axes(mesh, nn.get_logical_axis_rules())
+    axes = tuple(a for a in axes if a not in mesh.manual_axes)  # already split by an outer map
     while axes and batch % math.prod(mesh.shape[a] for a in axes):
         axes = axes[:-1]
     return axes
@@ -103,10 +104,14 @@ def splash_attention(q: Array, k: Array, v: Array, *, scale: float) -> Array:
         return jax.vmap(_splash_kernel(n, n_pad, h, interpret))(q, k, v)
 
     mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.size > 1:
+    # Mesh axes not yet manual (all of them, unless the model is called inside a shard_map).
+    free = () if mesh.empty else tuple(a for a in mesh.axis_names if a not in mesh.manual_axes)
+    if math.prod(mesh.shape[a] for a in free) > 1:
         axes = _shard_axes(mesh, b)
         spec = P(axes if len(axes) != 1 else axes[0]) if axes else P()
         # check_vma off: the Pallas call has no replication rule of its own.
-        local = jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
+        local = jax.shard_map(
+            local, mesh=mesh, in_specs=spec, out_specs=spec, axis_names=set(free), check_vma=False
+        )
     o = local(q, k, v)
     return o.transpose(0, 2, 1, 3)[:, :n]
