@@ -1,6 +1,6 @@
 """Attention implementations behind `ViTConfig.attention`, and the choice `auto` makes.
 
-- `xla`: softmax((q * scale) k^T) v as plain einsums in float32 (the parity path, any device).
+- `xla`: softmax((q * scale) k^T) v as plain einsums, softmax in float32 (the parity path).
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, fused on NVIDIA GPUs (bf16).
 - `splash`: the Pallas TPU kernel `jax.experimental.pallas.ops.tpu.splash_attention`. The token
   axis is padded to the kernel's block and the padded keys are masked out; on devices other than
@@ -91,7 +91,9 @@ def splash_attention(q: Array, k: Array, v: Array, *, scale: float) -> Array:
 
     Each device runs the kernel on its own part of the batch (`jax.shard_map` over the batch mesh
     axes, heads whole); the kernel itself takes one example's (heads, N, head_dim) and is
-    `vmap`ped over the local batch."""
+    `vmap`ped over the local batch. Without a mesh in context (a plain `jax.jit` over arrays
+    sharded on several devices) XLA cannot split the kernel and gathers the batch to every
+    device: call the model under `jax.set_mesh`, as the training step does."""
     b, n, h, _ = q.shape
     n_pad = -(-n // SPLASH_BLOCK) * SPLASH_BLOCK
     # The scale is applied to q before the logits, as the `xla` path does (`attention_probs`).
