@@ -7,7 +7,7 @@
   TPU the kernel runs in Pallas' interpret mode (the CPU tests use it).
 - `auto`: splash on TPU, cudnn on GPU for 16-bit inputs, xla otherwise, read from the devices of
   the mesh in use (`jax.set_mesh`), so a deviceless compile for a TPU topology on a CPU host picks
-  the TPU kernel.
+  the TPU kernel. Several TPUs without a mesh in context: xla (the kernel needs the mesh).
 
 docs/parity.md "Attention implementations" gives the measured agreement with `xla`.
 """
@@ -48,7 +48,11 @@ def resolve(implementation: str, dtype=jnp.float32) -> str:
         return implementation
     platform = device_platform()
     if platform == "tpu":
-        return "splash"
+        # XLA cannot partition a Pallas (Mosaic) kernel: it needs the shard_map that a mesh in
+        # context gives it (`splash_attention`). A plain jit over several TPUs (no `jax.set_mesh`,
+        # e.g. an evaluation's forward) keeps the einsum path.
+        mesh = jax.sharding.get_abstract_mesh()
+        return "splash" if not mesh.empty or jax.device_count() == 1 else "xla"
     # cuDNN's fused attention takes only 16-bit inputs; float32 stays on the einsum path.
     if platform in ("gpu", "cuda") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         return "cudnn"
@@ -91,9 +95,9 @@ def splash_attention(q: Array, k: Array, v: Array, *, scale: float) -> Array:
 
     Each device runs the kernel on its own part of the batch (`jax.shard_map` over the batch mesh
     axes, heads whole); the kernel itself takes one example's (heads, N, head_dim) and is
-    `vmap`ped over the local batch. Without a mesh in context (a plain `jax.jit` over arrays
-    sharded on several devices) XLA cannot split the kernel and gathers the batch to every
-    device: call the model under `jax.set_mesh`, as the training step does."""
+    `vmap`ped over the local batch. Without a mesh in context, a `jax.jit` over arrays sharded
+    on several TPUs fails ("Mosaic kernels cannot be automatically partitioned"): call the model
+    under `jax.set_mesh`, as the training step does (`auto` falls back to `xla` there)."""
     b, n, h, _ = q.shape
     n_pad = -(-n // SPLASH_BLOCK) * SPLASH_BLOCK
     # The scale is applied to q before the logits, as the `xla` path does (`attention_probs`).

@@ -149,6 +149,15 @@ def test_auto_reads_the_mesh_devices(platform, dtype, expected):
         assert attn.resolve(explicit, dtype) == explicit
 
 
+def test_auto_on_several_tpus_without_a_mesh_is_xla(monkeypatch):
+    """A plain jit over several TPUs (no `jax.set_mesh`) cannot run the kernel: XLA refuses to
+    partition a Mosaic call. `auto` keeps the einsum path there, and takes splash under a mesh."""
+    monkeypatch.setattr(attn, "device_platform", lambda: "tpu")
+    assert jax.device_count() == 8 and attn.resolve("auto") == "xla"
+    with jax.set_mesh(make_mesh((2, 4), ("data", "fsdp"))):
+        assert attn.resolve("auto") == "splash"
+
+
 def test_unknown_attention_is_one_line():
     with pytest.raises(ValueError, match=r"attention must be one of .*'splash', 'auto'.*'flash'"):
         small_config(attention="flash")
