@@ -460,6 +460,18 @@ def compile_for_slice(config, slice_name: str) -> dict[str, Any]:
         }  # fmt: skip
     ov = config.model.overrides
     b = int(config.batch_size)
+    # The attention the step was traced with (`auto` resolves on the slice's devices). A Pallas
+    # kernel is invisible to `cost_analysis` (splash gives no cost estimate): its matmuls are
+    # added to the XLA figure analytically, as the trainer's count has them.
+    from dinojax.models.attention import resolve
+
+    with jax.set_mesh(mesh):
+        attention = resolve(ov.get("attention", "xla"), ov.get("dtype", "float32"))
+    kernel_flops = 0.0
+    if attention == "splash":
+        kernel_flops = ssl_step.attention_flops_per_step(config, setup=setup) / n_dev
+        if memory["xla_flops_per_chip"] is not None:
+            memory["xla_flops_per_chip"] += kernel_flops
     rec: dict[str, Any] = {
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "topology": s.name,
@@ -476,7 +488,9 @@ def compile_for_slice(config, slice_name: str) -> dict[str, Any]:
         "local_crops": [int(config.data.local_crops_number), int(config.data.local_crops_size)],
         "mask_buffer": int(batch["mask_indices"].shape[0]) if "mask_indices" in batch else 0,
         "remat_policy": ov.get("remat_policy", "none"),
-        "attention": ov.get("attention", "xla"),
+        "attention": attention,
+        "attention_setting": ov.get("attention", "xla"),
+        "attention_kernel_flops_per_chip": kernel_flops,
         "dtype": ov.get("dtype", "float32"),
         "compile_s": round(compile_s, 1),
         "state_bytes_per_chip": state_b,
@@ -505,7 +519,8 @@ def summary(rec: Mapping[str, Any]) -> str:
     ratio = rec["xla_flops_per_chip"] / rec["analytic_flops_per_chip"]
     return (
         f"{rec['arch']} batch {rec['global_batch']} on {rec['topology']} ({rec['chips']} chips, "
-        f"mesh {rec['mesh']}), remat {rec['remat_policy']}, {rec['dtype']}: peak "
+        f"mesh {rec['mesh']}), remat {rec['remat_policy']}, {rec['dtype']}, attention "
+        f"{rec['attention']}: peak "
         f"{g(rec['peak_bytes_per_chip'])} / {g(rec['hbm_bytes_per_chip'])} GiB per chip "
         f"({'fits' if rec['fits'] else 'DOES NOT FIT'}; state {g(rec['state_bytes_per_chip'])}, "
         f"temp {g(rec['temp_bytes'])}), {rec['xla_flops_per_chip'] / 1e12:.2f} TFLOP per chip "

@@ -44,7 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
             ffn_layer="mlp",
             num_register_tokens=0,
             dtype="float32",  # compute dtype; "bfloat16" on accelerators
-            attention="xla",  # "cudnn" for bf16 on NVIDIA GPUs
+            # the device's own kernel: splash on TPU, cudnn on GPU (bf16), xla on CPU
+            # (dinojax/models/attention.py); "xla" pins the parity path everywhere
+            attention="auto",
             remat_policy="none",
             scan_layers=True,
         )

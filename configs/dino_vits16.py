@@ -33,7 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             ffn_layer="mlp",
             num_register_tokens=0,
             dtype="float32",
-            attention="xla",
+            attention="auto",  # splash on TPU, cudnn on GPU (bf16), xla on CPU
             remat_policy="none",
             scan_layers=True,
         )

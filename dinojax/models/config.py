@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 
 FFN_LAYERS = ("mlp", "swiglu")
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash", "auto")
 REMAT_POLICIES = ("none", "full", "dots", "qkv_attn", "qkv_attn_mlp")
 
 
@@ -50,6 +50,7 @@ class ViTConfig:
     # Numerics and performance (not part of the architecture: never stored as "different arch").
     dtype: str = "float32"
     param_dtype: str = "float32"
+    # "xla" | "cudnn" | "splash" | "auto" (the device's own: dinojax/models/attention.py)
     attention: str = "xla"
     remat_policy: str = "none"
     scan_layers: bool = True

@@ -25,6 +25,7 @@ from flax import nnx
 from flax.linen import with_logical_constraint
 from jax.ad_checkpoint import checkpoint_name
 
+from dinojax.models import attention as attention_impl
 from dinojax.models.config import ViTConfig, get_config
 
 Array = jax.Array
@@ -214,9 +215,13 @@ def _padded_fused_attention(q, k, v, scale, implementation):
 
 
 def dot_product_attention(q, k, v, *, scale: float, implementation: str = "xla") -> Array:
-    """One entry point for attention: `xla` (CPU, float32, parity) or fused `cudnn` (bf16 GPU)."""
+    """One entry point for attention: `xla` (float32 einsums, parity), fused `cudnn` (bf16 GPU),
+    the Pallas `splash` kernel (TPU) or `auto` (the device's own; `dinojax.models.attention`)."""
+    implementation = attention_impl.resolve(implementation, q.dtype)
     if implementation == "cudnn":
         return _padded_fused_attention(q, k, v, scale, "cudnn")
+    if implementation == "splash":
+        return attention_impl.splash_attention(q, k, v, scale=scale)
     probs = attention_probs(q, k, scale)
     return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
 

@@ -566,8 +566,16 @@ def _vit_forward_flops(vit: ViTConfig, img: int) -> float:
     n_patch = (img // p) ** 2
     n = n_patch + 1 + vit.num_register_tokens
     mlp = 6 * n * d * vit.ffn_hidden_dim if vit.ffn_layer == "swiglu" else 16 * n * d * d
-    block = 8 * n * d * d + mlp + 4 * n * n * d
-    return float(vit.depth * block + 2 * n_patch * 3 * p * p * d)
+    block = 8 * n * d * d + mlp
+    return float(vit.depth * block + 2 * n_patch * 3 * p * p * d) + _attention_forward_flops(
+        vit, img
+    )
+
+
+def _attention_forward_flops(vit: ViTConfig, img: int) -> float:
+    # QK^T and AV of every block: 4 N^2 D per image (the attention term of `_vit_forward_flops`).
+    n = (img // vit.patch_size) ** 2 + 1 + vit.num_register_tokens
+    return float(vit.depth * 4 * n * n * vit.embed_dim)
 
 
 def _head_flops(config, d: int, ibot: bool) -> float:
@@ -614,6 +622,20 @@ def flops_per_step(
     student_heads = (2 * b + nl * b) * dino_head + u * ibot_head
     teacher_heads = 2 * b * dino_head + u * ibot_head
     return float(3 * (backbone_fwd + student_heads) + teacher_bb + teacher_heads)
+
+
+def attention_flops_per_step(config, *, setup: StepSetup | None = None) -> float:
+    """The attention matmuls (QK^T, AV) inside `flops_per_step`: the share a Pallas kernel
+    (`attention="splash"`) computes out of XLA's sight, as `cost_analysis` counts a Pallas call
+    only through a cost estimate splash does not give. Same accounting: student 3x forward over
+    the 2B global and n_local*B local crops, teacher 1x over the 2B global crops; the kernel's own
+    recomputation in its backward pass (and a remat policy's) is not counted."""
+    setup = _setup_for(config, setup)
+    vit = setup.vit
+    b, nl = int(config.batch_size), int(config.data.local_crops_number)
+    g = _attention_forward_flops(vit, int(config.data.global_crops_size))
+    loc = _attention_forward_flops(vit, int(config.data.local_crops_size))
+    return float(3 * (2 * b * g + nl * b * loc) + 2 * b * g)
 
 
 def state_summary(state: Mapping) -> dict[str, int]:
