@@ -143,6 +143,7 @@ def _v3(name, d, depth, heads, ratio, ffn, **kw) -> DinoV3Config:
 
 # facebookresearch/dinov3 `dinov3/hub/backbones.py`: every hub ViT has patch 16, 4 storage
 # tokens, LayerScale, masked key bias, eps 1e-5, RoPE base 100 "separate", rescale 2.
+# fmt: off
 V3_ARCHITECTURES: dict[str, DinoV3Config] = {
     c.name: c
     for c in (
@@ -153,10 +154,11 @@ V3_ARCHITECTURES: dict[str, DinoV3Config] = {
         # The SAT-493M ViT-L file carries a `local_cls_norm` (`dinov3_vitl16` with
         # weights=SAT493M sets untie_global_and_local_cls_norm); the eval forward is the same.
         _v3("dinov3_vitl16_sat493m", 1024, 24, 16, 4.0, "mlp",
-            untie_global_and_local_cls_norm=True),  # fmt: skip
+            untie_global_and_local_cls_norm=True),
         _v3("dinov3_vitl16plus", 1024, 24, 16, 6.0, "swiglu"),
         _v3("dinov3_vith16plus", 1280, 32, 20, 6.0, "swiglu"),
         _v3("dinov3_vit7b16", 4096, 40, 32, 3.0, "swiglu64", qkv_bias=False,
-            untie_global_and_local_cls_norm=True),  # fmt: skip
+            untie_global_and_local_cls_norm=True),
     )
 }
+# fmt: on

@@ -68,11 +68,12 @@ class SwiGLUFFN(nnx.Module):
 
     def __init__(self, cfg: DinoV3Config, *, layers, dtype, rngs):
         d, h, b = cfg.embed_dim, cfg.ffn_hidden_dim, cfg.ffn_bias
-        for name in ("w1", "w2"):
-            lin = Linear(d, h, bias=b, names=("embed", "mlp"), layers=layers, dtype=dtype,
-                         rngs=rngs)  # fmt: skip
-            setattr(self, name, lin)
-        self.w3 = Linear(h, d, bias=b, names=("mlp", "embed"), layers=layers, dtype=dtype, rngs=rngs)
+        kw = dict(bias=b, layers=layers, dtype=dtype, rngs=rngs)
+        self.w1 = Linear(d, h, names=("embed", "mlp"), **kw)
+        self.w2 = Linear(d, h, names=("embed", "mlp"), **kw)
+        self.w3 = Linear(
+            h, d, bias=b, names=("mlp", "embed"), layers=layers, dtype=dtype, rngs=rngs
+        )
 
 
 class Block(nnx.Module):
@@ -444,8 +445,8 @@ class DinoV3VisionTransformer(nnx.Module):
         for o in outs:
             if norm:
                 prefix = self._norm_prefix(params, o[:, :r1])
-                o = jnp.concatenate([prefix, layer_norm(params["norm"], o[:, r1:], cfg.layernorm_eps)],
-                                    axis=1)  # fmt: skip
+                patches = layer_norm(params["norm"], o[:, r1:], cfg.layernorm_eps)
+                o = jnp.concatenate([prefix, patches], axis=1)
             cls, extra, patches = o[:, 0], o[:, 1:r1], o[:, r1:]
             if reshape:
                 patches = patches.reshape(x.shape[0], h0, w0, -1)
@@ -478,8 +479,10 @@ def create_model(
     config fields (depth, dtype, attention, remat_policy, drop_path_rate, ...)."""
     from dinojax.models.config import get_config
 
-    cfg = name.replace(**overrides) if isinstance(name, DinoV3Config) else get_config(
-        name, **overrides
+    cfg = (
+        name.replace(**overrides)
+        if isinstance(name, DinoV3Config)
+        else get_config(name, **overrides)
     )
     if not isinstance(cfg, DinoV3Config):
         raise ValueError(f"{cfg.name!r} is not a DINOv3 ViT")
@@ -490,4 +493,3 @@ def abstract_params(cfg: DinoV3Config) -> dict:
     """Shapes/dtypes of the parameter dict without allocating it."""
     model = nnx.eval_shape(lambda: DinoV3VisionTransformer(cfg, rngs=nnx.Rngs(0)))
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
