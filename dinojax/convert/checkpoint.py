@@ -12,6 +12,9 @@ Accepted sources (detected from the contents; docs/parity.md "Checkpoints"):
   dino_v1  DINO v1 full training checkpoint: {"student": {"module.backbone.*", "module.head.*"},
            "teacher": {...}, "dino_loss": {"center"}, "args": Namespace, ...}
   hf       Hugging Face Dinov2Model / Dinov2WithRegistersModel safetensors
+DINOv3 ViTs (official `.pth`, Hugging Face DINOv3ViTModel safetensors) and ConvNeXts are routed
+by `dinojax.convert.v3`; the metadata then records `"model": "dinov3_vit"` or
+`"dinov3_convnext"` (absent: the DINO / DINOv2 ViT).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from dinojax.convert import v3 as v3conv
 from dinojax.convert.backbone import (
     ConversionError,
     dechunk,
@@ -52,8 +56,11 @@ def _unwrap(sd: dict) -> dict:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
-def split_checkpoint(obj: dict, which: str = "teacher") -> tuple[str, dict, dict, dict]:
-    """Identify the format -> (format, backbone state dict, {head name: state dict}, extras)."""
+def split_checkpoint(
+    obj: dict, which: str = "teacher", hf_config: dict | None = None
+) -> tuple[str, dict, dict, dict]:
+    """Identify the format -> (format, backbone state dict, {head name: state dict}, extras).
+    `hf_config`: a Hugging Face config.json found next to the file (checked for DINOv3)."""
     if which not in ("teacher", "student"):
         raise ConversionError(f"which must be 'teacher' or 'student', got {which!r}")
     if any(isinstance(v, dict) for v in obj.values()):
@@ -86,6 +93,9 @@ def split_checkpoint(obj: dict, which: str = "teacher") -> tuple[str, dict, dict
         raise ConversionError(
             f"state dict holds non-tensor values [{'; '.join(bad)}]: not a backbone checkpoint"
         )
+    v3 = v3conv.split_flat(_unwrap(flat), hf_config)
+    if v3 is not None:
+        return v3[0], v3[1], {}, {}
     if is_hf(flat):
         return "hf", from_hf(flat), {}, {}
     return "hub", dechunk(_unwrap(flat)), {}, {}
@@ -114,7 +124,8 @@ def convert(
     which: str = "teacher",
     overwrite: bool = False,
 ) -> ViTConfig:
-    """Convert an official checkpoint file to a dinojax checkpoint directory (atomically)."""
+    """Convert an official checkpoint file to a dinojax checkpoint directory (atomically).
+    Returns the detected config: a `ViTConfig`, or for DINOv3 a `DinoV3Config` / ConvNeXt config."""
     dst = Path(dst)
     if dst.suffix in FILE_SUFFIXES:
         raise ConversionError(
@@ -124,9 +135,13 @@ def convert(
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
         raise ConversionError(f"{dst} exists and is not empty (use --overwrite)")
     obj = read_file(src)
-    fmt, backbone_sd, head_sds, extras = split_checkpoint(obj, which)
-    cfg = detect_config(backbone_sd, arch)
-    params = from_official(backbone_sd, cfg)
+    fmt, backbone_sd, head_sds, extras = split_checkpoint(obj, which, _hf_config(src))
+    kind = v3conv.backbone_kind(backbone_sd, arch)  # family vs --arch: one error line
+    if kind == v3conv.VIT_V2:
+        cfg = detect_config(backbone_sd, arch)
+        params = from_official(backbone_sd, cfg)
+    else:
+        kind, cfg, params = v3conv.convert_backbone(backbone_sd, arch)
     heads, head_cfgs = {}, {}
     for name, sd in head_sds.items():
         from dinojax.convert import heads as head_conv
@@ -146,8 +161,22 @@ def convert(
         "extras": sorted(extras),
         "source": {"path": str(src), "format": fmt, "which": which},
     }
+    if kind != v3conv.VIT_V2:
+        meta["model"] = kind
     save(dst, tree, meta, overwrite=overwrite)
     return cfg
+
+
+def _hf_config(src) -> dict | None:
+    """The Hugging Face config.json next to a .safetensors file, if any."""
+    path = Path(src).with_name("config.json")
+    if Path(src).suffix != ".safetensors" or not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as e:
+        raise ConversionError(f"{path} is not valid JSON ({_brief(e)})") from e
+    return config if isinstance(config, dict) else None
 
 
 def save_model(
@@ -174,6 +203,8 @@ def save_model(
         "extras": [],
         "source": {"format": "dinojax"},
     }
+    if v3conv.kind_of_config(model.cfg) != v3conv.VIT_V2:
+        meta["model"] = v3conv.kind_of_config(model.cfg)
     save(dst, tree, meta, overwrite=overwrite)
 
 
@@ -218,8 +249,8 @@ def read_meta(path: str | os.PathLike) -> dict:
     if not isinstance(meta.get("arch"), dict) or not isinstance(meta.get("heads", {}), dict):
         raise ConversionError(f"{meta_file}: no architecture ('arch') recorded")
     try:
-        ViTConfig.from_dict(meta["arch"])
-    except (TypeError, ValueError) as e:
+        v3conv.config_from_dict(v3conv.meta_kind(meta), meta["arch"])
+    except (TypeError, ValueError, ImportError) as e:
         raise ConversionError(f"{meta_file}: invalid architecture ({e})") from e
     meta.setdefault("heads", {})
     return meta
@@ -234,7 +265,8 @@ def restore_tree(path: str | os.PathLike) -> tuple[dict, dict]:
 
     path = Path(path).absolute()
     meta = read_meta(path)
-    cfg = ViTConfig.from_dict(meta["arch"])
+    kind = v3conv.meta_kind(meta)
+    cfg = v3conv.config_from_dict(kind, meta["arch"])
     heads = {}
     for name, hcfg in meta["heads"].items():
         head = nnx.eval_shape(_head_module(hcfg))
@@ -242,7 +274,10 @@ def restore_tree(path: str | os.PathLike) -> tuple[dict, dict]:
     layout = meta.get("layout", "stacked")
     if layout not in LAYOUTS:
         raise ConversionError(f"{path}: unknown block layout {layout!r} (expected {LAYOUTS})")
-    backbone = abstract_params(cfg)
+    if kind == v3conv.VIT_V2:
+        backbone = abstract_params(cfg)
+    else:
+        backbone = nnx.to_pure_dict(nnx.state(v3conv.build_abstract(kind, cfg), nnx.Param))
     if layout == "per_layer":
         # orbax stores dict keys as strings
         per = unstack_blocks(backbone)
@@ -278,13 +313,12 @@ def load(path: str | os.PathLike, *, heads: bool = False, **overrides):
     """
     from flax import nnx
 
-    from dinojax.models.vit import DinoVisionTransformer
-
     tree, meta = restore_tree(path)
-    cfg = ViTConfig.from_dict(meta["arch"])
+    kind = v3conv.meta_kind(meta)
+    cfg = v3conv.config_from_dict(kind, meta["arch"])
     if overrides:
         cfg = cfg.replace(**overrides)
-    model = nnx.eval_shape(lambda: DinoVisionTransformer(cfg, rngs=nnx.Rngs(0)))
+    model = v3conv.build_abstract(kind, cfg)
     nnx.update(model, jax.tree.map(jax.numpy.asarray, tree["backbone"]))
     if not heads:
         return model
@@ -318,15 +352,22 @@ def export(
     if dst.exists() and not overwrite:
         raise ConversionError(f"{dst} exists (use --overwrite)")
     tree, meta = restore_tree(src)
-    sd = to_official(tree["backbone"])
-    v1 = meta["arch"]["family"] == "dino"
+    kind = v3conv.meta_kind(meta)
+    if kind == v3conv.VIT_V2:
+        sd = to_official(tree["backbone"])
+    else:
+        cfg = v3conv.config_from_dict(kind, meta["arch"])
+        sd = v3conv.backbone_to_official(kind, tree["backbone"], cfg)
+    v1 = meta["arch"].get("family") == "dino"
     if fmt == "hub":
         write_file(sd, dst)
         return
     if fmt == "hf":
         if v1:
             raise ConversionError("DINO v1 backbones have no Hugging Face Dinov2 equivalent")
-        write_file(to_hf(sd), dst)
+        if kind == v3conv.CONVNEXT:
+            raise ConversionError("export to Hugging Face names is not available for ConvNeXts")
+        write_file(v3conv.to_hf(sd, cfg) if kind == v3conv.VIT_V3 else to_hf(sd), dst)
         return
     model = {f"backbone.{k}": v for k, v in sd.items()}
     for name, head in tree["heads"].items():

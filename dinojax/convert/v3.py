@@ -541,6 +541,14 @@ def convert_backbone(sd: dict, arch: str | None):
     return kind, cfg, from_official(sd, cfg)
 
 
+def kind_of_config(cfg) -> str:
+    from dinojax.models.config import ViTConfig
+
+    if isinstance(cfg, ViTConfig):
+        return VIT_V2
+    return VIT_V3 if isinstance(cfg, DinoV3Config) else CONVNEXT
+
+
 def meta_kind(meta: dict) -> str:
     kind = meta.get("model", VIT_V2)
     if kind not in MODELS:
