@@ -200,13 +200,13 @@ def _swiglu(d: int, hidden: int) -> tuple[float, str]:
 
 
 def _same_arch(a: DinoV3Config, b: DinoV3Config) -> bool:
-    """Same architecture up to the name and to how the FFN width is spelled (ratio x alignment
-    giving the same hidden size)."""
-    skip = {"name", "mlp_ratio", "ffn_layer"}
+    """Same architecture up to the name, to how the FFN width is spelled (ratio x alignment
+    giving the same hidden size) and to a key-bias mask flag without a qkv bias to mask."""
+    skip = {"name", "mlp_ratio", "ffn_layer", "mask_k_bias"}
     da = {k: v for k, v in a.to_dict().items() if k not in skip}
     db = {k: v for k, v in b.to_dict().items() if k not in skip}
     ffn = (a.ffn_layer == "mlp") == (b.ffn_layer == "mlp") and a.ffn_hidden_dim == b.ffn_hidden_dim
-    return da == db and ffn
+    return da == db and ffn and a.has_bias_mask == b.has_bias_mask
 
 
 def detect_v3_config(sd: dict[str, np.ndarray], arch: str | None = None) -> DinoV3Config:
