@@ -381,3 +381,32 @@ def test_key_bias_is_masked(small):
         moved = np.abs(np.asarray(forward(small, x)) - base).max()
         small.blocks.attn.qkv.bias[...] = original
         assert (moved > 1e-3) == changes, (third, moved)
+
+
+@pytest.mark.slow  # four gradient compiles: ~100 s on 2 loaded cores
+def test_remat_and_unscanned_blocks_change_nothing(small):
+    """remat policies and scan_layers=False give the same outputs and gradients (training path:
+    drop path and RoPE augmentation, keys fixed)."""
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((4, 32, 48, 3)), jnp.float32)
+    state = nnx.state(small)
+
+    def loss_for(cfg):
+        from dinojax.models.vit3 import DinoV3VisionTransformer
+
+        graphdef, _ = nnx.split(
+            nnx.eval_shape(lambda: DinoV3VisionTransformer(cfg, rngs=nnx.Rngs(0)))
+        )
+
+        def loss(st):
+            out = nnx.merge(graphdef, st).forward_features(x, key=jax.random.key(3))
+            return jnp.sum(out["x_norm_clstoken"] ** 2)
+
+        return jax.jit(jax.value_and_grad(loss))(state)
+
+    base_cfg = SMALL.replace(drop_path_rate=0.25)
+    ref_v, ref_g = loss_for(base_cfg)
+    for change in ({"remat_policy": "full"}, {"remat_policy": "qkv_attn_mlp"},
+                   {"scan_layers": False}):  # fmt: skip
+        v, g = loss_for(base_cfg.replace(**change))
+        np.testing.assert_allclose(v, ref_v, rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g, ref_g)
