@@ -192,6 +192,24 @@ def test_matches_transformers(converted, name, depth, size):
     assert not bad, f"{name} {size}: {bad}"
 
 
+def test_mask_token_matches_transformers(converted):
+    """iBOT masks: masked patch embeddings replaced by the mask token (`bool_masked_pos`)."""
+    ref, model = converted("dinov3_vits16", 4)
+    x = _image(224, 224, seed=5)
+    masks = np.random.default_rng(0).random((1, 196)) < 0.4
+    with torch.no_grad():
+        last = ref(pixel_values=x, bool_masked_pos=torch.from_numpy(masks)).last_hidden_state
+    xj = jnp.asarray(x.permute(0, 2, 3, 1).numpy())
+    with jax.default_matmul_precision("highest"):
+        f = jax.jit(model.forward_features)(xj, jnp.asarray(masks))
+    err = np.abs(np.asarray(f["x_norm_patchtokens"]) - last.numpy()[:, 5:]).max()
+    assert err <= TOL["x_norm_patchtokens"], err
+    assert (
+        np.abs(np.asarray(f["x_norm_clstoken"]) - last.numpy()[:, 0]).max()
+        <= TOL["x_norm_clstoken"]
+    )
+
+
 def test_bfloat16_close_to_float32_reference(converted):
     """bf16 activations (float32 params, float32 RoPE and LayerNorm statistics) against the HF
     float32 outputs: cosine similarity per token >= 0.999."""
