@@ -270,6 +270,7 @@ def test_rope_against_float64_formulas(hw, head_dim):
     sin, cos = rope_sincos(rope_coords(*hw), rope_periods(cfg))
     sin64, cos64 = _rope_float64(*hw, head_dim)
     assert sin.dtype == jnp.float32 and sin.shape == (hw[0] * hw[1], head_dim)
+    # Measured: max 7.8e-7 over these grids and both head dims.
     assert np.abs(np.asarray(sin) - sin64).max() <= 1e-6
     assert np.abs(np.asarray(cos) - cos64).max() <= 1e-6
     # Augmented coordinates (shift, then scale 2 / 0.5): the same formulas on moved coordinates.
@@ -315,7 +316,7 @@ def _ks_uniform(u, lo, hi):
 
 
 # KS critical value at 1% for n = 4000 is 1.63 / sqrt(n) = 0.026; measured distances with these
-# seeds are below 0.015. A wrong law (e.g. uniform instead of log-uniform) gives > 0.05.
+# seeds: 0.010 to 0.0151. The jitter factors against a plain (not log-) uniform law: 0.10 / 0.11.
 KS_MAX = 0.026
 
 
