@@ -48,16 +48,17 @@ from dinojax.models.vit3 import (
 transformers = pytest.importorskip("transformers")
 from transformers import DINOv3ViTConfig, DINOv3ViTModel  # noqa: E402
 
-# Max |JAX - HF| per output over all 28 (arch, size) cases (torch 2.14.1, transformers 5.24,
-# jax 0.10.2, CPU); each tolerance is about twice the largest measured value (comments).
+# Max |JAX - HF| per output, measured over the cases of the README table (torch 2.14.1,
+# transformers 5.24, jax 0.10.2, CPU); each tolerance is about twice the largest measured value.
+# The SwiGLU models (S+, L+) have the largest residual streams, hence the largest differences.
 TOL = {
-    "x_norm_clstoken": 1e-5,
-    "x_storage_tokens": 1e-5,
-    "x_norm_patchtokens": 1e-5,
-    "x_prenorm": 4e-5,
-    "intermediate": 1e-5,
-    "intermediate_raw": 4e-5,
-    "attn": 2e-6,
+    "x_norm_clstoken": 2e-5,  # measured 1.08e-5 (L+/16); MLP models <= 4.4e-6
+    "x_storage_tokens": 2e-5,  # measured 9.4e-6 (L+/16)
+    "x_norm_patchtokens": 1.6e-5,  # measured 8.0e-6
+    "x_prenorm": 6e-5,  # measured 2.8e-5 (S+/16, 12 blocks)
+    "intermediate": 2e-5,  # normed blocks: measured 1.08e-5
+    "intermediate_raw": 6e-5,  # measured 3.0e-5 (S+/16)
+    "attn": 1.5e-6,  # measured 7.6e-7
 }
 DEPTH = {  # blocks per architecture in these tests (full width always)
     "dinov3_vits16": 12,
