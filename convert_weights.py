@@ -1,6 +1,8 @@
-"""Convert official DINO / DINOv2 checkpoints to dinojax and back.
+"""Convert official DINO / DINOv2 / DINOv3 checkpoints to dinojax and back.
 
     python convert_weights.py dinov2_vitb14_reg4_pretrain.pth ckpt/      # PyTorch -> dinojax
+    python convert_weights.py dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth ckpt/   # DINOv3
+    python convert_weights.py dinov3-vitb16/model.safetensors ckpt/      # HF DINOv3ViTModel
     python convert_weights.py teacher_checkpoint.pth ckpt/ --arch dinov2_vitl14
     python convert_weights.py ckpt/ exported.pth [--format teacher]      # dinojax -> PyTorch
     python convert_weights.py ckpt/ model.safetensors --format hf        # -> Hugging Face names
@@ -9,9 +11,10 @@
 
 The direction follows from the formats: a dinojax checkpoint directory as SRC exports it to an
 official `.pth` / `.safetensors` state dict; any other SRC is read as an official checkpoint
-(hub backbone, DINOv2 teacher_checkpoint.pth, DINO v1 training checkpoint, Hugging Face
-safetensors, a released segmentation / depth head) and written as a dinojax checkpoint
-directory. On any error nothing is written.
+(hub backbone, DINOv2 teacher_checkpoint.pth, DINO v1 training checkpoint, DINOv3 ViT or
+ConvNeXt, Hugging Face safetensors with its config.json checked when it sits next to the file,
+a released segmentation / depth head) and written as a dinojax checkpoint directory. On any
+error nothing is written.
 """
 
 from __future__ import annotations
@@ -53,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = convert(args.src, args.dst, arch=args.arch, which=args.which,
                           overwrite=args.overwrite)  # fmt: skip
-            print(f"wrote {args.dst}: {cfg.name} ({cfg.depth} blocks, dim {cfg.embed_dim}, "
-                  f"patch {cfg.patch_size}, {cfg.num_register_tokens} registers)")  # fmt: skip
+            print(f"wrote {args.dst}: {_describe(cfg)}")
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -67,6 +69,14 @@ def main(argv: list[str] | None = None) -> int:
               "input that caused it", file=sys.stderr)  # fmt: skip
         return 1
     return 0
+
+
+def _describe(cfg) -> str:
+    if not hasattr(cfg, "num_register_tokens"):  # a ConvNeXt
+        return str(cfg.name)
+    extra = "storage tokens" if getattr(cfg, "family", "") == "dinov3" else "registers"
+    return (f"{cfg.name} ({cfg.depth} blocks, dim {cfg.embed_dim}, patch {cfg.patch_size}, "
+            f"{cfg.num_register_tokens} {extra})")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,6 +1,13 @@
-"""dinojax: exact JAX/Flax DINO and DINOv2."""
+"""dinojax: exact JAX/Flax DINO, DINOv2 and DINOv3."""
 
-from dinojax.models import ARCHITECTURES, DinoVisionTransformer, ViTConfig, create_model, get_config
+from dinojax.models import (
+    ARCHITECTURES,
+    DinoV3Config,
+    DinoVisionTransformer,
+    ViTConfig,
+    create_model,
+    get_config,
+)
 
 __version__ = "0.1.0"
 
@@ -25,6 +32,7 @@ def load(path, **kwargs):
 
 __all__ = [
     "ARCHITECTURES",
+    "DinoV3Config",
     "DinoVisionTransformer",
     "ViTConfig",
     "create_model",

@@ -12,6 +12,9 @@ Accepted sources (detected from the contents; docs/parity.md "Checkpoints"):
   dino_v1  DINO v1 full training checkpoint: {"student": {"module.backbone.*", "module.head.*"},
            "teacher": {...}, "dino_loss": {"center"}, "args": Namespace, ...}
   hf       Hugging Face Dinov2Model / Dinov2WithRegistersModel safetensors
+DINOv3 ViTs (official `.pth`, Hugging Face DINOv3ViTModel safetensors) and ConvNeXts are routed
+by `dinojax.convert.v3`; the metadata then records `"model": "dinov3_vit"` or
+`"dinov3_convnext"` (absent: the DINO / DINOv2 ViT).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from dinojax.convert import v3 as v3conv
 from dinojax.convert.backbone import (
     ConversionError,
     dechunk,
@@ -40,6 +44,7 @@ from dinojax.convert.io import (
     is_tensor,
     read_file,
     unread,
+    write_file,
 )
 from dinojax.convert.layout import stack_blocks
 from dinojax.models.config import ViTConfig
@@ -58,8 +63,11 @@ def _unwrap(sd: dict) -> dict:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
-def split_checkpoint(obj: dict, which: str = "teacher") -> tuple[str, dict, dict, dict]:
+def split_checkpoint(
+    obj: dict, which: str = "teacher", hf_config: dict | None = None
+) -> tuple[str, dict, dict, dict]:
     """Identify the format -> (format, backbone state dict, {head name: state dict}, extras).
+    `hf_config`: a Hugging Face config.json found next to the file (checked for DINOv3).
 
     `obj` is a `read_file` result or an in-memory dict; the state dicts returned hold its
     tensors unread (`dinojax.convert.io.LazyTensor`) or its arrays."""
@@ -96,6 +104,9 @@ def split_checkpoint(obj: dict, which: str = "teacher") -> tuple[str, dict, dict
         raise ConversionError(
             f"state dict holds non-tensor values [{'; '.join(bad)}]: not a backbone checkpoint"
         )
+    v3 = v3conv.split_flat(_unwrap(flat), hf_config)
+    if v3 is not None:
+        return v3[0], v3[1], {}, {}
     if is_hf(flat):
         return "hf", from_hf(flat), {}, {}
     return "hub", dechunk(_unwrap(flat)), {}, {}
@@ -128,7 +139,8 @@ def convert(
 
     Streams: the file's structure, shapes and dtypes are checked first (heads, which are small,
     are converted then too), then the backbone tensors are read one at a time into the stacked
-    arrays, which orbax writes without copying: peak memory ~1x the backbone (README "Memory")."""
+    arrays, which orbax writes without copying: peak memory ~1x the backbone (README "Memory").
+    Returns the detected config: a `ViTConfig`, or for DINOv3 a `DinoV3Config` / ConvNeXt config."""
     dst = Path(dst)
     if dst.suffix in FILE_SUFFIXES:
         raise ConversionError(
@@ -138,8 +150,10 @@ def convert(
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
         raise ConversionError(f"{dst} exists and is not empty (use --overwrite)")
     obj = read_file(src)
-    fmt, backbone_sd, head_sds, extras = split_checkpoint(obj, which)
-    cfg = detect_config(backbone_sd, arch)
+    fmt, backbone_sd, head_sds, extras = split_checkpoint(obj, which, _hf_config(src))
+    kind = v3conv.backbone_kind(backbone_sd, arch)  # family vs --arch: one error line
+    if kind == v3conv.VIT_V2:
+        cfg = detect_config(backbone_sd, arch)
     heads, head_cfgs = {}, {}
     for name, sd in head_sds.items():
         from dinojax.convert import heads as head_conv
@@ -149,7 +163,10 @@ def convert(
             heads[name] = head_conv.dino_head_from_torch(sd)
         except ValueError as e:
             raise ConversionError(f"{name}: {e}") from e
-    params = from_official(backbone_sd, cfg)
+    if kind == v3conv.VIT_V2:
+        params = from_official(backbone_sd, cfg)
+    else:
+        kind, cfg, params = v3conv.convert_backbone(backbone_sd, arch)
     tree = {"backbone": params, "heads": heads, "extras": extras}
     meta = {
         "format": "dinojax",
@@ -160,8 +177,22 @@ def convert(
         "extras": sorted(extras),
         "source": {"path": str(src), "format": fmt, "which": which},
     }
+    if kind != v3conv.VIT_V2:
+        meta["model"] = kind
     save(dst, tree, meta, overwrite=overwrite)
     return cfg
+
+
+def _hf_config(src) -> dict | None:
+    """The Hugging Face config.json next to a .safetensors file, if any."""
+    path = Path(src).with_name("config.json")
+    if Path(src).suffix != ".safetensors" or not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as e:
+        raise ConversionError(f"{path} is not valid JSON ({_brief(e)})") from e
+    return config if isinstance(config, dict) else None
 
 
 def save_model(
@@ -188,6 +219,8 @@ def save_model(
         "extras": [],
         "source": {"format": "dinojax"},
     }
+    if v3conv.kind_of_config(model.cfg) != v3conv.VIT_V2:
+        meta["model"] = v3conv.kind_of_config(model.cfg)
     save(dst, tree, meta, overwrite=overwrite)
 
 
@@ -239,8 +272,8 @@ def read_meta(path: str | os.PathLike) -> dict:
     if not isinstance(meta.get("arch"), dict) or not isinstance(meta.get("heads", {}), dict):
         raise ConversionError(f"{meta_file}: no architecture ('arch') recorded")
     try:
-        ViTConfig.from_dict(meta["arch"])
-    except (TypeError, ValueError) as e:
+        v3conv.config_from_dict(v3conv.meta_kind(meta), meta["arch"])
+    except (TypeError, ValueError, ImportError) as e:
         raise ConversionError(f"{meta_file}: invalid architecture ({e})") from e
     meta.setdefault("heads", {})
     return meta
@@ -252,12 +285,11 @@ def abstract_modules(meta: dict, **overrides) -> tuple[object, dict]:
     run-time fields of the backbone config."""
     from flax import nnx
 
-    from dinojax.models.vit import DinoVisionTransformer
-
-    cfg = ViTConfig.from_dict(meta["arch"])
+    kind = v3conv.meta_kind(meta)
+    cfg = v3conv.config_from_dict(kind, meta["arch"])
     if overrides:
         cfg = cfg.replace(**overrides)
-    backbone = nnx.eval_shape(lambda: DinoVisionTransformer(cfg, rngs=nnx.Rngs(0)))
+    backbone = v3conv.build_abstract(kind, cfg)
     heads = {name: nnx.eval_shape(_head_module(h)) for name, h in meta["heads"].items()}
     return backbone, heads
 
@@ -422,6 +454,10 @@ def load(path: str | os.PathLike, *, heads: bool = False, mesh=None, rules=None,
 
     tree, meta = restore_sharded(path, mesh, rules)
     model, head_modules = abstract_modules(meta, **overrides)
+    if v3conv.meta_kind(meta) == v3conv.CONVNEXT:
+        from dinojax.convert.convnext import convnext_int_keys
+
+        tree["backbone"] = convnext_int_keys(tree["backbone"])  # orbax gives list indices as str
     nnx.update(model, tree["backbone"])
     if not heads:
         return model
@@ -453,6 +489,8 @@ def export(
         raise ConversionError(f"{dst} exists (use --overwrite)")
     src = Path(src).absolute()
     meta = read_meta(src)
+    if v3conv.meta_kind(meta) != v3conv.VIT_V2:
+        return _export_v3(src, dst, meta, fmt)
     v1 = meta["arch"]["family"] == "dino"
     if fmt == "hf" and v1:
         raise ConversionError("DINO v1 backbones have no Hugging Face Dinov2 equivalent")
@@ -530,3 +568,27 @@ def _get(tree: dict, path: tuple[str, ...]):
     for k in path:
         tree = tree[k]
     return tree
+
+
+def _export_v3(src: Path, dst: Path, meta: dict, fmt: str) -> None:
+    """DINOv3 ViT / ConvNeXt -> official (or Hugging Face) file. Not streamed: the backbone is
+    restored whole (one copy in host memory), converted by `dinojax.convert.v3`, then written."""
+    kind = v3conv.meta_kind(meta)
+    cfg = v3conv.config_from_dict(kind, meta["arch"])
+    tree, _ = restore_tree(src)
+    backbone = tree["backbone"]
+    if kind == v3conv.CONVNEXT:
+        from dinojax.convert.convnext import convnext_int_keys
+
+        backbone = convnext_int_keys(backbone)
+    sd = v3conv.backbone_to_official(kind, backbone, cfg)
+    if fmt == "hf":
+        if kind == v3conv.CONVNEXT:
+            from dinojax.convert.convnext import convnext_to_hf
+
+            sd = convnext_to_hf(sd)
+        else:
+            sd = v3conv.to_hf(sd, cfg)
+    elif fmt == "teacher":
+        sd = {"teacher": {f"backbone.{k}": v for k, v in sd.items()}}
+    write_file(sd, dst)

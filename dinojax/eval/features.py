@@ -155,11 +155,15 @@ def _forward(graphdef, fn, state, x):
 
 
 def model_from_params(cfg, params: dict):
-    """A `DinoVisionTransformer` holding `params` (the plain dict of `model.params()`, e.g. the
-    trainer's teacher backbone), without allocating random weights first."""
+    """A `DinoVisionTransformer` (or, for a `DinoV3Config`, a `DinoV3VisionTransformer`) holding
+    `params` (the plain dict of `model.params()`, e.g. the trainer's teacher backbone), without
+    allocating random weights first."""
+    from dinojax.models.config_v3 import DinoV3Config
     from dinojax.models.vit import DinoVisionTransformer
+    from dinojax.models.vit3 import DinoV3VisionTransformer
 
-    model = nnx.eval_shape(lambda: DinoVisionTransformer(cfg, rngs=nnx.Rngs(0)))
+    cls = DinoV3VisionTransformer if isinstance(cfg, DinoV3Config) else DinoVisionTransformer
+    model = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
     nnx.update(model, params)
     return model
 

@@ -7,6 +7,11 @@ so the pixels are identical. Outputs are (H, W, 3) float32 NHWC rows, the layout
 
 `ResizeTransform` resizes to an exact (height, width) (any resolution, e.g. a multiple of the patch
 size for dense features and pictures).
+
+`dinov3_eval_transform` is DINOv3's eval preset (facebookresearch/dinov3 README `make_transform`):
+`Resize((256, 256), antialias=True)` (square, bilinear) then ImageNet statistics, or the
+satellite statistics for the SAT-493M models. Pillow's antialiased bilinear resize is within
+1/255 of torchvision's uint8 kernel (checked in the tests).
 """
 
 from __future__ import annotations
@@ -22,9 +27,12 @@ from PIL import Image
 from dinojax.data.augment import IMAGENET_MEAN, IMAGENET_STD, decode_image, normalize_lut
 
 __all__ = [
+    "SATELLITE_MEAN",
+    "SATELLITE_STD",
     "EvalTransform",
     "ResizeTransform",
     "center_crop",
+    "dinov3_eval_transform",
     "fit_to_patch",
     "load_image",
     "normalize",
@@ -141,18 +149,27 @@ class EvalTransform:
         return normalize(img, self.mean, self.std)
 
 
+# DINOv3 SAT-493M (satellite) models: facebookresearch/dinov3 README, `make_transform`.
+SATELLITE_MEAN = (0.430, 0.411, 0.296)
+SATELLITE_STD = (0.213, 0.156, 0.143)
+_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+
+
 @dataclasses.dataclass(frozen=True)
 class ResizeTransform:
-    """Bicubic resize to exactly (height, width), then normalise (any resolution)."""
+    """Resize to exactly (height, width) (bicubic, or antialiased bilinear), then normalise."""
 
     height: int
     width: int
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    resample: str = "bicubic"
 
     def __post_init__(self) -> None:
         if self.height <= 0 or self.width <= 0:
             raise ValueError(f"image size must be positive, got {self.height}x{self.width}")
+        if self.resample not in _RESAMPLE:
+            raise ValueError(f"resample must be one of {sorted(_RESAMPLE)}, got {self.resample!r}")
 
     @property
     def output_shape(self) -> tuple[int, int, int]:
@@ -161,5 +178,12 @@ class ResizeTransform:
     def __call__(self, data: Any) -> np.ndarray:
         img = data if isinstance(data, Image.Image) else load_image(data)
         if img.size != (self.width, self.height):
-            img = img.resize((self.width, self.height), Image.BICUBIC)
+            img = img.resize((self.width, self.height), _RESAMPLE[self.resample])
         return normalize(img, self.mean, self.std)
+
+
+def dinov3_eval_transform(size: int = 256, *, satellite: bool = False) -> ResizeTransform:
+    """DINOv3's eval transform: square antialiased bilinear resize to `size` x `size`, then
+    ImageNet statistics (or the SAT-493M satellite statistics)."""
+    mean, std = (SATELLITE_MEAN, SATELLITE_STD) if satellite else (IMAGENET_MEAN, IMAGENET_STD)
+    return ResizeTransform(size, size, mean, std, resample="bilinear")

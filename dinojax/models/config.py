@@ -166,10 +166,40 @@ ARCHITECTURES: dict[str, ViTConfig] = {
 ALIASES = {f"dinov2_vit{s}14_reg4": f"dinov2_vit{s}14_reg" for s in "sblg"}
 
 
-def get_config(name: str, **overrides) -> ViTConfig:
-    """The official architecture `name` (e.g. 'dinov2_vitb14_reg'), with field overrides."""
+def get_config(name: str, **overrides):
+    """The official architecture `name` (e.g. 'dinov2_vitb14_reg', 'dinov3_vitl16'), with field
+    overrides: a `ViTConfig` (DINO, DINOv2), a `DinoV3Config` (DINOv3 ViTs) or, for names starting
+    with 'dinov3_convnext', the config of `dinojax.models.convnext`."""
+    from dinojax.models.config_v3 import V3_ARCHITECTURES
+
     key = ALIASES.get(name, name)
-    if key not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r}; known: {sorted(ARCHITECTURES)}")
-    cfg = ARCHITECTURES[key]
+    if key in ARCHITECTURES:
+        cfg = ARCHITECTURES[key]
+    elif key in V3_ARCHITECTURES:
+        cfg = V3_ARCHITECTURES[key]
+    elif key.startswith("dinov3_convnext"):
+        return _convnext_config(key, overrides)
+    else:
+        known = sorted([*ARCHITECTURES, *V3_ARCHITECTURES, *_convnext_names()])
+        raise ValueError(f"unknown architecture {name!r}; known: {known}")
     return cfg.replace(**overrides) if overrides else cfg
+
+
+def _convnext_names() -> list[str]:
+    try:
+        from dinojax.models.convnext import CONVNEXT_ARCHITECTURES
+    except ImportError:
+        return []
+    return list(CONVNEXT_ARCHITECTURES)
+
+
+def _convnext_config(key: str, overrides: dict):
+    # The DINOv3 ConvNeXts live in their own module and registry (`CONVNEXT_ARCHITECTURES`).
+    try:
+        from dinojax.models.convnext import CONVNEXT_ARCHITECTURES
+    except ImportError as e:
+        raise ValueError(f"{key!r}: the DINOv3 ConvNeXt models are not available ({e})") from e
+    if key not in CONVNEXT_ARCHITECTURES:
+        raise ValueError(f"unknown architecture {key!r}; known: {sorted(CONVNEXT_ARCHITECTURES)}")
+    cfg = CONVNEXT_ARCHITECTURES[key]
+    return dataclasses.replace(cfg, **overrides) if overrides else cfg

@@ -425,3 +425,7 @@ def abstract_convnext_params(cfg: ConvNeXtConfig) -> dict:
     """Shapes/dtypes of the parameter dict without allocating it."""
     model = nnx.eval_shape(lambda: DinoConvNeXt(cfg, rngs=nnx.Rngs(0)))
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+# The name `dinojax.models.create_model` dispatches to for "dinov3_convnext*".
+create_model = create_convnext

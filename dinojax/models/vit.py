@@ -625,16 +625,31 @@ class DinoVisionTransformer(nnx.Module):
         return attention_probs(q, k, cfg.head_dim**-0.5)
 
 
-def create_model(name: str | ViTConfig, *, seed: int = 0, **overrides) -> DinoVisionTransformer:
-    """Build an official architecture by name (e.g. 'dinov2_vitl14_reg') with random weights.
+def create_model(name, *, seed: int = 0, **overrides):
+    """Build an official architecture by name (e.g. 'dinov2_vitl14_reg', 'dinov3_vitb16') with
+    random weights: a `DinoVisionTransformer` for DINO / DINOv2 names, a
+    `dinojax.models.vit3.DinoV3VisionTransformer` for DINOv3 ViTs, and for 'dinov3_convnext*' the
+    model `dinojax.models.convnext.create_model` builds.
 
     Overrides change config fields: img_size, drop_path_rate, layerscale_init,
     num_register_tokens, depth, dtype, attention, remat_policy, ...
     """
-    cfg = (
-        name.replace(**overrides) if isinstance(name, ViTConfig) else get_config(name, **overrides)
-    )
-    return DinoVisionTransformer(cfg, rngs=nnx.Rngs(params=seed))
+    if isinstance(name, str) and name.startswith("dinov3_convnext"):
+        from dinojax.models import convnext
+
+        return convnext.create_model(name, seed=seed, **overrides)
+    cfg = name.replace(**overrides) if not isinstance(name, str) else get_config(name, **overrides)
+    if isinstance(cfg, ViTConfig):
+        return DinoVisionTransformer(cfg, rngs=nnx.Rngs(params=seed))
+    from dinojax.models.config_v3 import DinoV3Config
+
+    if isinstance(cfg, DinoV3Config):
+        from dinojax.models.vit3 import DinoV3VisionTransformer
+
+        return DinoV3VisionTransformer(cfg, rngs=nnx.Rngs(params=seed))
+    from dinojax.models import convnext  # a ConvNeXt config object
+
+    return convnext.create_model(cfg, seed=seed)
 
 
 def abstract_params(cfg: ViTConfig) -> dict:
