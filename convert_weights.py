@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _describe(cfg) -> str:
-    if not hasattr(cfg, "num_register_tokens"):  # a ConvNeXt
-        return str(cfg.name)
+    if not hasattr(cfg, "num_register_tokens") or "convnext" in getattr(cfg, "family", ""):
+        return f"{cfg.name} (ConvNeXt, depths {tuple(cfg.depths)}, dims {tuple(cfg.dims)})"
     extra = "storage tokens" if getattr(cfg, "family", "") == "dinov3" else "registers"
     return (f"{cfg.name} ({cfg.depth} blocks, dim {cfg.embed_dim}, patch {cfg.patch_size}, "
             f"{cfg.num_register_tokens} {extra})")  # fmt: skip
