@@ -104,21 +104,19 @@ def _flat(tree) -> dict:
     return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _vit7b() -> ViTConfig:
-    # ViT-7B width: 4096, 40 blocks, 32 heads, SwiGLU hidden 8192 (ratio 3; no qkv bias).
-    # A DINOv2-style config of that size until the DINOv3 model is merged.
-    return ViTConfig(
-        family="dinov2", patch_size=16, img_size=224, embed_dim=4096, depth=40, num_heads=32,
-        ffn_layer="swiglu", mlp_ratio=3.0, qkv_bias=False, layerscale_init=1.0,
-        num_register_tokens=4,
-    )  # fmt: skip
+def _vit7b():
+    # DINOv3 ViT-7B/16: width 4096, 40 blocks, 32 heads, SwiGLU hidden 8192, no qkv bias, 4
+    # storage tokens, the untied local CLS norm.
+    from dinojax.models.config import get_config
+
+    return get_config("dinov3_vit7b16")
 
 
 @pytest.mark.parametrize("n", [8, 64])
 def test_vit7b_restore_target_puts_1_over_n_of_the_model_on_each_device(n):
     cfg = _vit7b()
     assert cfg.ffn_hidden_dim == 8192
-    meta = {"arch": cfg.to_dict(), "heads": {}, "extras": []}
+    meta = {"arch": cfg.to_dict(), "model": "dinov3_vit", "heads": {}, "extras": []}
     if n == jax.device_count():
         mesh = make_mesh((1, -1))
     else:  # more devices than this machine has: shardings of an abstract mesh
@@ -133,7 +131,7 @@ def test_vit7b_restore_target_puts_1_over_n_of_the_model_on_each_device(n):
             assert np.prod(a.sharding.shard_shape(a.shape)) * n == a.size, a
     per_device = bytes_per_device(target)
     assert len(per_device) == n
-    # the replicated remainder (norms, LayerScale, SwiGLU biases) is ~6 MB of 27 GB
+    # the replicated remainder (norms, LayerScale, SwiGLU biases, tokens) is a few MB of 27 GB
     assert max(per_device.values()) <= total / n * 1.02
     assert min(per_device.values()) >= total / n
 
@@ -171,7 +169,9 @@ def test_vit7b_width_block_loads_sharded(tmp_path):
     # One full-width ViT-7B block (width 4096, SwiGLU 8192; 0.69 GB in float32) restored over the
     # 8 devices: every large parameter 1/8 per device, values equal to the numpy restore.
     cfg = _vit7b().replace(depth=1)
-    model = _random(lambda: DinoVisionTransformer(cfg, rngs=nnx.Rngs(0)), seed=0)
+    from dinojax.models.vit3 import DinoV3VisionTransformer
+
+    model = _random(lambda: DinoV3VisionTransformer(cfg, rngs=nnx.Rngs(0)), seed=0)
     save_model(tmp_path / "ckpt", model)
     del model
     loaded = dinojax.load(tmp_path / "ckpt")
