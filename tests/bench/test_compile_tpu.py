@@ -223,7 +223,7 @@ def test_sweep_bisects_powers_of_two(monkeypatch):
     limit = {"full": 12, "none": 3}
     tried = []
 
-    def fake(config, slice_name):
+    def fake(config, slice_name, num_slices=1):
         per_chip = config.batch_size // 4
         policy = config.model.overrides.remat_policy
         tried.append((policy, per_chip))
