@@ -448,6 +448,33 @@ def collectives(hlo: str, slice_of: list[int] | None = None) -> dict[str, dict[s
     return out
 
 
+def all_gathers(hlo: str) -> list[dict[str, Any]]:
+    """Every all-gather of the optimized program: `shape` (the gathered result, e.g.
+    `bf16[1,64,256]`), `op_name` (its JAX source: `jvp(` marks the student's forward pass,
+    `transpose(` its backward pass, neither the teacher and the rest of the step outside the
+    gradient), and `count` (executions per step: loop bodies times their trip count)."""
+    entry, comps, _ = _parse_hlo(hlo)
+    mult, _ = _multiplicities(entry, comps)
+    starts = dict(re.findall(r"^\s*%?([\w.\-]+)\s*=.*?-start\((.*)$", hlo, flags=re.M))
+    out = []
+    for name, instrs in comps.items():
+        for op, shape, rest in instrs:
+            if op not in ("all-gather", "all-gather-done"):
+                continue
+            text = rest
+            if op.endswith("-done"):
+                operand = re.match(r"\s*%?([\w.\-]+)", rest)
+                text = starts.get(operand.group(1), rest) if operand else rest
+            src = re.search(r'op_name="([^"]*)"', text)
+            arr = _ARRAY.search(shape)
+            out.append({
+                "shape": arr.group(0) if arr else shape,
+                "op_name": src.group(1) if src else "",
+                "count": mult.get(name, 0),
+            })  # fmt: skip
+    return out
+
+
 def _hlo_flops(text: str) -> float:
     """XLA's HloCostAnalysis FLOPs of an HLO module's text (run by the CPU client: the analysis
     is target-independent and reads the TPU program's shapes as they are)."""
