@@ -17,6 +17,12 @@ collectives of the optimized HLO per step. A recipe that does not fit exits with
 `--sweep` finds, per remat policy (`--sweep_policies`), the largest power-of-two per-chip batch
 that fits, by bisection (each compile recorded).
 
+`--num_slices N` compiles for N such slices joined over the data-centre network (a multi-slice
+pod): the trainer's hybrid mesh (`config.mesh.shape` inside each slice, `config.mesh.dcn_shape`
+across; by default the slices on the data axis), and the collectives report, per kind, what
+crosses slices (`cross_slice_count` / `cross_slice_bytes` / `cross_slice_shapes`: the DCN sends
+XLA's TPU compiler makes of a collective).
+
 Slice names count what Cloud TPU counts: TensorCores for v4 / v5p (2 per chip: `v5p-256` is 128
 chips), chips for v5e / v6e (`v5e-64` is 64 chips).
 """
