@@ -17,6 +17,12 @@ collectives of the optimized HLO per step. A recipe that does not fit exits with
 `--sweep` finds, per remat policy (`--sweep_policies`), the largest power-of-two per-chip batch
 that fits, by bisection (each compile recorded).
 
+`--num_slices N` compiles for N such slices joined over the data-centre network (a multi-slice
+pod): the trainer's hybrid mesh (`config.mesh.shape` inside each slice, `config.mesh.dcn_shape`
+across; by default the slices on the data axis), and the collectives report, per kind, what
+crosses slices (`cross_slice_count` / `cross_slice_bytes` / `cross_slice_shapes`: the DCN sends
+XLA's TPU compiler makes of a collective).
+
 Slice names count what Cloud TPU counts: TensorCores for v4 / v5p (2 per chip: `v5p-256` is 128
 chips), chips for v5e / v6e (`v5e-64` is 64 chips).
 """
@@ -110,8 +116,9 @@ def parse_slice(name: str) -> Slice:
     return Slice(name, gen, n, f"{gen}:{torus}", None, HBM_BYTES[gen])
 
 
-def topology_devices(s: Slice) -> list:
-    """The slice's devices, described by libtpu (no TPU needed)."""
+def topology_devices(s: Slice, num_slices: int = 1) -> list:
+    """The devices of `num_slices` such slices (a multi-slice pod: each device carries its
+    `slice_index`), described by libtpu (no TPU needed)."""
     try:
         from jax.experimental import topologies
     except ImportError as e:  # pragma: no cover - jax always has it
@@ -120,7 +127,7 @@ def topology_devices(s: Slice) -> list:
     try:
         topo = topologies.get_topology_desc(
             platform="tpu", topology_name=s.topology_name, chips_per_host_bounds=(2, 2, 1),
-            num_slices=1, **kw,
+            num_slices=num_slices, **kw,
         )  # fmt: skip
     except Exception as e:  # noqa: BLE001 - libtpu missing or refusing: say which
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -137,8 +144,9 @@ def make_slice_mesh(config, s: Slice, devices: list):
     from dinojax.sharding import make_mesh
 
     shape, axes = tuple(config.mesh.shape), tuple(config.mesh.axes)
+    dcn = config.mesh.get("dcn_shape", None)
     try:
-        return make_mesh(shape, axes, devices)
+        return make_mesh(shape, axes, devices, dcn_shape=dcn)
     except Exception as e:  # noqa: BLE001 - jax's assignment errors are several lines
         msg = str(e)
         if "assignment" not in msg and "physical" not in msg:
@@ -318,24 +326,158 @@ def _multiplicities(entry: str | None, comps: Mapping[str, list]) -> tuple[dict,
     return mult, trips
 
 
-def collectives(hlo: str) -> dict[str, dict[str, int]]:
+def _iota(dims: list[int], reshape: list[int] | None, perm: list[int] | None):
+    import numpy as np
+
+    a = np.arange(math.prod(reshape or dims)).reshape(reshape or dims)
+    if perm:
+        a = a.transpose(perm)
+    return a.reshape(dims)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in re.findall(r"\d+", text)]
+
+
+_MESH_GROUPS = re.compile(
+    r"replica_groups=mesh\[([^\]]*)\](?:,\s*device_ids=\(([^)]*\)?)\))?\s*\{([^}]*)\}"
+)
+_IOTA_GROUPS = re.compile(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
+_LIST_GROUPS = re.compile(r"replica_groups=\{((?:\{[\d,]*\},?)*)\}")
+_PAIRS = re.compile(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}")
+
+
+def replica_groups(rest: str) -> list[list[int]] | None:
+    """The device groups of one collective from its HLO text (partition ids, i.e. positions in
+    the program's device assignment): the explicit `{{0,1},{2,3}}` form, the iota form
+    `[G,S]<=[dims]T(perm)`, the named-mesh form `mesh['axis_0'=4,'axis_1'=2] {'axis_0'}`
+    (optionally with `device_ids=([dims]T(perm))`), and a collective-permute's source-target
+    pairs. None when no group is given (one group of every device) or the form is unknown."""
+    import numpy as np
+
+    m = _MESH_GROUPS.search(rest)
+    if m:
+        names = re.findall(r"'([^']+)'=(\d+)", m.group(1))
+        axes, dims = [n for n, _ in names], [int(d) for _, d in names]
+        ids = np.arange(math.prod(dims)).reshape(dims)
+        if m.group(2):
+            dm = re.fullmatch(r"\[([\d,]+)\](?:<=\[([\d,]+)\])?(?:T\(([\d,]+)\))?", m.group(2))
+            if dm is None:
+                return None
+            flat = _iota(
+                _ints(dm.group(1)),
+                _ints(dm.group(2)) if dm.group(2) else None,
+                _ints(dm.group(3)) if dm.group(3) else None,
+            ).reshape(-1)
+            ids = flat.reshape(dims)
+        group_axes = [axes.index(a) for a in re.findall(r"'([^']+)'", m.group(3))]
+        keep = [i for i in range(len(dims)) if i not in group_axes]
+        size = math.prod(dims[i] for i in group_axes)
+        return ids.transpose(keep + group_axes).reshape(-1, size).tolist()
+    m = _IOTA_GROUPS.search(rest)
+    if m:
+        g = _iota(_ints(m.group(1)), _ints(m.group(2)), _ints(m.group(3)) if m.group(3) else None)
+        return g.tolist()
+    m = _LIST_GROUPS.search(rest)
+    if m and m.group(1):
+        return [_ints(x) for x in re.findall(r"\{([\d,]*)\}", m.group(1))]
+    m = _PAIRS.search(rest)
+    if m:
+        return [_ints(x) for x in re.findall(r"\{(\d+,\d+)\}", m.group(1))]
+    return None
+
+
+def _crosses(groups: list[list[int]] | None, slice_of: list[int]) -> bool:
+    if groups is None:  # every device in one group
+        return len(set(slice_of)) > 1
+    return any(len({slice_of[i] for i in g}) > 1 for g in groups)
+
+
+_MEGASCALE = re.compile(r'_xla_host_transfer_rendezvous="([a-z\-]+?)(?:\.\d+)?_\d+"')
+
+
+def collectives(hlo: str, slice_of: list[int] | None = None) -> dict[str, dict[str, Any]]:
     """Per collective kind: instructions in the program (`static`), and executions and result
     bytes per step (`count`, `bytes`: loop bodies times their trip count).
 
-    Async pairs count once (at `-done`, whose result is the collective's); collectives wrapped in
-    `async-start` computations count at the wrapped instruction."""
+    Async pairs count once (at `-done`, whose result is the collective's, and whose groups are its
+    `-start`'s); collectives wrapped in `async-start` computations count at the wrapped
+    instruction. With `slice_of` (the slice of each device of the program's device assignment,
+    i.e. of `mesh.devices.flat`), `cross_slice_count` / `cross_slice_bytes` count the traffic
+    that crosses slices: the DCN sends the compiler made of a collective (per kind of the
+    collective they came from) and any collective whose device groups span slices;
+    `cross_slice_shapes` lists the shapes sent (parameters or activations)."""
     entry, comps, _ = _parse_hlo(hlo)
     mult, _ = _multiplicities(entry, comps)
-    out = {c: {"static": 0, "count": 0, "bytes": 0} for c in COLLECTIVES}
+    out: dict[str, dict[str, Any]] = {c: {"static": 0, "count": 0, "bytes": 0} for c in COLLECTIVES}
+    if slice_of is not None:
+        for c in out.values():
+            c.update(cross_slice_count=0, cross_slice_bytes=0, cross_slice_shapes=[])
+    # an async pair's groups are on its -start, which the -done names as its operand
+    starts = dict(re.findall(r"^\s*%?([\w.\-]+)\s*=.*?-start\((.*)$", hlo, flags=re.M))
     for name, instrs in comps.items():
         k = mult.get(name, 0)
-        for op, shape, _ in instrs:
+        for op, shape, rest in instrs:
+            if op == "send" and slice_of is not None:
+                # A multi-slice program: XLA's TPU compiler turns the part of a collective that
+                # crosses slices into host-transfer sends over DCN, each naming the collective
+                # it came from (`_xla_host_transfer_rendezvous="all-reduce.12_0"`).
+                m = _MEGASCALE.search(rest)
+                if m and m.group(1) in out:
+                    c = out[m.group(1)]
+                    c["cross_slice_count"] += k
+                    c["cross_slice_bytes"] += k * _shape_bytes(_ARRAY.search(shape).group(0))
+                    arr = _ARRAY.search(shape).group(0)
+                    if arr not in c["cross_slice_shapes"]:
+                        c["cross_slice_shapes"].append(arr)
+                continue
             kind = op[: -len("-done")] if op.endswith("-done") else op
             if kind not in out or op.endswith("-start"):
                 continue
-            out[kind]["static"] += 1
-            out[kind]["count"] += k
-            out[kind]["bytes"] += k * _shape_bytes(shape)
+            c = out[kind]
+            c["static"] += 1
+            c["count"] += k
+            c["bytes"] += k * _shape_bytes(shape)
+            if slice_of is None:
+                continue
+            text = rest
+            if op.endswith("-done"):
+                operand = re.match(r"\s*%?([\w.\-]+)", rest)
+                text = starts.get(operand.group(1), rest) if operand else rest
+            if _crosses(replica_groups(text), slice_of):
+                c["cross_slice_count"] += k
+                c["cross_slice_bytes"] += k * _shape_bytes(shape)
+                for arr in _ARRAY.findall(shape):
+                    arr = f"{arr[0]}[{arr[1]}]"
+                    if arr not in c["cross_slice_shapes"]:
+                        c["cross_slice_shapes"].append(arr)
+    return out
+
+
+def all_gathers(hlo: str) -> list[dict[str, Any]]:
+    """Every all-gather of the optimized program: `shape` (the gathered result, e.g.
+    `bf16[1,64,256]`), `op_name` (its JAX source: `jvp(` marks the student's forward pass,
+    `transpose(` its backward pass, neither the teacher and the rest of the step outside the
+    gradient), and `count` (executions per step: loop bodies times their trip count)."""
+    entry, comps, _ = _parse_hlo(hlo)
+    mult, _ = _multiplicities(entry, comps)
+    starts = dict(re.findall(r"^\s*%?([\w.\-]+)\s*=.*?-start\((.*)$", hlo, flags=re.M))
+    out = []
+    for name, instrs in comps.items():
+        for op, shape, rest in instrs:
+            if op not in ("all-gather", "all-gather-done"):
+                continue
+            text = rest
+            if op.endswith("-done"):
+                operand = re.match(r"\s*%?([\w.\-]+)", rest)
+                text = starts.get(operand.group(1), rest) if operand else rest
+            src = re.search(r'op_name="([^"]*)"', text)
+            arr = _ARRAY.search(shape)
+            out.append({
+                "shape": arr.group(0) if arr else shape,
+                "op_name": src.group(1) if src else "",
+                "count": mult.get(name, 0),
+            })  # fmt: skip
     return out
 
 
@@ -385,9 +527,11 @@ def flops_per_step(hlo: str, whole: float) -> float:
 # ------------------------------------------------------------------------------------------------
 
 
-def compile_for_slice(config, slice_name: str) -> dict[str, Any]:
-    """Compile the recipe's training step for the slice; returns the result record (and keeps
-    the compiled executable and the abstract state under `_compiled`, `_state`, `_batch`)."""
+def compile_for_slice(config, slice_name: str, num_slices: int = 1) -> dict[str, Any]:
+    """Compile the recipe's training step for the slice (`num_slices` of them: a multi-slice pod,
+    on the trainer's hybrid mesh, `config.mesh.dcn_shape`); returns the result record (and keeps
+    the compiled executable, the abstract state and the mesh under `_compiled`, `_state`,
+    `_batch`, `_mesh`)."""
     import flax.linen as nn
     import jax
 
@@ -396,8 +540,11 @@ def compile_for_slice(config, slice_name: str) -> dict[str, Any]:
 
     s = parse_slice(slice_name)
     config = resolve_durations(config)  # the schedules the trainer would run
-    devices = topology_devices(s)
+    if num_slices < 1:
+        raise ValueError(f"--num_slices must be >= 1, got {num_slices}")
+    devices = topology_devices(s, num_slices)
     mesh = make_slice_mesh(config, s, devices)
+    slice_of = [int(getattr(d, "slice_index", 0)) for d in mesh.devices.flat]
     rules = tuple(tuple(r) for r in config.mesh.rules)
     hosts = len({d.process_index for d in devices})
     setup = ssl_step.StepSetup.from_config(config)
@@ -445,7 +592,7 @@ def compile_for_slice(config, slice_name: str) -> dict[str, Any]:
             "xla_flops_per_chip": flops_per_step(hlo, flops_once),
             "xla_flops_loop_bodies_once": flops_once,
             "args_bytes_tiled": tiled_bytes_per_chip((state, batch), compiled.input_formats[0]),
-            "collectives": collectives(hlo),
+            "collectives": collectives(hlo, slice_of if num_slices > 1 else None),
         }
     else:
         # The compiler stopped at memory assignment: it reports the temporaries it needed; the
@@ -476,14 +623,14 @@ def compile_for_slice(config, slice_name: str) -> dict[str, Any]:
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "topology": s.name,
         "topology_name": s.topology_name,
-        "chips": s.chips,
+        "chips": s.chips * num_slices,
         "devices": n_dev,
         "hosts": hosts,
-        "num_slices": 1,
+        "num_slices": num_slices,
         "mesh": {k: int(v) for k, v in mesh.shape.items()},
         "arch": config.model.arch,
         "global_batch": b,
-        "per_chip_batch": b / s.chips,
+        "per_chip_batch": b / (s.chips * num_slices),
         "global_crops_size": int(config.data.global_crops_size),
         "local_crops": [int(config.data.local_crops_number), int(config.data.local_crops_size)],
         "mask_buffer": int(batch["mask_indices"].shape[0]) if "mask_indices" in batch else 0,
@@ -503,28 +650,46 @@ def compile_for_slice(config, slice_name: str) -> dict[str, Any]:
         "collectives": memory["collectives"],
         "host": platform.node(),
     }
-    rec["_compiled"], rec["_state"], rec["_batch"] = compiled, state, batch
+    rec["_compiled"], rec["_state"], rec["_batch"], rec["_mesh"] = compiled, state, batch, mesh
     return rec
+
+
+def _where(rec: Mapping[str, Any]) -> str:
+    n = rec.get("num_slices", 1)
+    return rec["topology"] if n == 1 else f"{n} x {rec['topology']}"
+
+
+def cross_slice_summary(rec: Mapping[str, Any]) -> str:
+    """`all-reduce 12 ops / 1.2 GB per step` for the collectives that cross slices."""
+    parts = [
+        f"{k} {c['cross_slice_count']} / {c['cross_slice_bytes'] / 1e9:.3g} GB"
+        for k, c in (rec.get("collectives") or {}).items()
+        if c.get("cross_slice_count")
+    ]
+    return ", ".join(parts) or "none"
 
 
 def summary(rec: Mapping[str, Any]) -> str:
     g = lambda x: f"{x / GIB:.2f}"  # noqa: E731
     if rec["xla_flops_per_chip"] is None:
         return (
-            f"{rec['arch']} batch {rec['global_batch']} on {rec['topology']} ({rec['chips']} "
+            f"{rec['arch']} batch {rec['global_batch']} on {_where(rec)} ({rec['chips']} "
             f"chips, mesh {rec['mesh']}), remat {rec['remat_policy']}, {rec['dtype']}: DOES NOT "
             f"FIT: XLA needs {g(rec['temp_bytes'])} GiB of temporaries per chip, HBM "
             f"{g(rec['hbm_bytes_per_chip'])} GiB; {rec['compile_s']:.1f} s"
         )
     ratio = rec["xla_flops_per_chip"] / rec["analytic_flops_per_chip"]
+    cross = ""
+    if rec.get("num_slices", 1) > 1:
+        cross = f"; across slices per step: {cross_slice_summary(rec)}"
     return (
-        f"{rec['arch']} batch {rec['global_batch']} on {rec['topology']} ({rec['chips']} chips, "
+        f"{rec['arch']} batch {rec['global_batch']} on {_where(rec)} ({rec['chips']} chips, "
         f"mesh {rec['mesh']}), remat {rec['remat_policy']}, {rec['dtype']}, attention "
         f"{rec['attention']}: peak "
         f"{g(rec['peak_bytes_per_chip'])} / {g(rec['hbm_bytes_per_chip'])} GiB per chip "
         f"({'fits' if rec['fits'] else 'DOES NOT FIT'}; state {g(rec['state_bytes_per_chip'])}, "
         f"temp {g(rec['temp_bytes'])}), {rec['xla_flops_per_chip'] / 1e12:.2f} TFLOP per chip "
-        f"(analytic x{ratio:.3f}); compiled in {rec['compile_s']:.1f} s"
+        f"(analytic x{ratio:.3f}){cross}; compiled in {rec['compile_s']:.1f} s"
     )
 
 
@@ -538,7 +703,7 @@ def not_fit_hint(rec: Mapping[str, Any]) -> str:
         hint = f"{remat}, or {hint}" if est >= 1 else remat
     return (
         f"does not fit: peak {rec['peak_bytes_per_chip'] / GIB:.2f} GiB per chip > HBM "
-        f"{rec['hbm_bytes_per_chip'] / GIB:.0f} GiB on {rec['topology']}; try {hint}"
+        f"{rec['hbm_bytes_per_chip'] / GIB:.0f} GiB on {_where(rec)}; try {hint}"
     )
 
 
@@ -546,11 +711,13 @@ def public(rec: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in rec.items() if not k.startswith("_")}
 
 
-def sweep(config, slice_name: str, policies: list[str], max_per_chip: int, write) -> dict:
+def sweep(
+    config, slice_name: str, policies: list[str], max_per_chip: int, write, num_slices: int = 1
+) -> dict:
     """For each remat policy, the largest per-chip batch (a power of two up to `max_per_chip`)
     whose step fits, by bisection on the exponent; every compile is recorded with `write`.
     -> {policy: largest fitting per-chip batch, or 0 when not even 1 fits}."""
-    chips = parse_slice(slice_name).chips
+    chips = parse_slice(slice_name).chips * num_slices
     best = {}
     for policy in policies:
         lo, hi = -1, int(math.log2(max_per_chip))  # exponents: lo fits (-1: none known), hi+1 not
@@ -560,7 +727,7 @@ def sweep(config, slice_name: str, policies: list[str], max_per_chip: int, write
             c = config.copy_and_resolve_references()
             c.model.overrides.remat_policy = policy
             c.batch_size = (2**mid) * chips
-            rec = compile_for_slice(c, slice_name)
+            rec = compile_for_slice(c, slice_name, num_slices)
             write(rec, sweep=True)
             print(summary(rec), flush=True)
             lo, hi = (mid, hi) if rec["fits"] else (lo, mid)
@@ -588,11 +755,13 @@ def main(argv: list[str]) -> None:
     try:
         if _SWEEP.value:
             policies = [p.strip() for p in _POLICIES.value.split(",") if p.strip()]
-            best = sweep(config, _TOPOLOGY.value, policies, _MAX_PER_CHIP.value, write)
+            best = sweep(
+                config, _TOPOLOGY.value, policies, _MAX_PER_CHIP.value, write, _SLICES.value
+            )
             print(f"largest per-chip batch that fits {_TOPOLOGY.value}: " + ", ".join(
                 f"remat {p}: {b or 'none'}" for p, b in best.items()))  # fmt: skip
             return
-        rec = compile_for_slice(config, _TOPOLOGY.value)
+        rec = compile_for_slice(config, _TOPOLOGY.value, _SLICES.value)
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -613,6 +782,9 @@ if __name__ == "__main__":
         "config", str(REPO / "configs" / "dinov2_vitg14.py"), "Recipe file[:args]"
     )
     _TOPOLOGY = flags.DEFINE_string("topology", "v5p-8", "TPU slice, e.g. v5p-256, v6e-64, v5e-16")
+    _SLICES = flags.DEFINE_integer(
+        "num_slices", 1, "slices of the multi-slice pod (data parallel across slices over DCN)"
+    )
     _OUT = flags.DEFINE_string("out", str(REPO / "bench" / "results" / "compile_tpu.jsonl"), "")
     _LABEL = flags.DEFINE_string("label", "", "free-form label stored with the result")
     _HLO_OUT = flags.DEFINE_string("hlo_out", None, "write the optimized HLO text to this file")

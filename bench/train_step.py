@@ -50,7 +50,10 @@ def main(argv: list[str]) -> None:
     from dinojax.train.trainer import resolve_durations
 
     config = resolve_durations(_CONFIG.value)  # the schedules the trainer would run
-    mesh = make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axes))
+    mesh = make_mesh(
+        tuple(config.mesh.shape), tuple(config.mesh.axes),
+        dcn_shape=config.mesh.get("dcn_shape", None),
+    )  # fmt: skip
     rules = tuple(tuple(r) for r in config.mesh.rules)
     t0 = time.perf_counter()
     state, shardings = ssl_step.create_train_state(config, mesh)

@@ -129,6 +129,12 @@ def base_config() -> ml_collections.ConfigDict:
     # the losses do not depend on the shape.
     c.mesh.shape = (1, -1)
     c.mesh.axes = ("data", "fsdp")
+    # Multi-slice TPU pods (devices with several `slice_index` values): `shape` is the mesh inside
+    # each slice (ICI) and `dcn_shape` the mesh across slices (data-centre network), multiplied
+    # axis by axis (`dinojax.sharding.hybrid_device_array`, as MaxText's `dcn_*` axes). Unset:
+    # the slices go on the first axis, i.e. data parallelism across slices and FSDP inside each,
+    # so only gradient and statistics reductions cross the slow network. A tuple such as (2, 1).
+    c.mesh.dcn_shape = ml_collections.config_dict.placeholder(tuple)
     # Logical parameter/activation axis -> mesh axes (`dinojax.sharding`).
     c.mesh.rules = (
         ("batch", ("data", "fsdp")),

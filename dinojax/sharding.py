@@ -45,35 +45,98 @@ __all__ = [
     "assert_sharded",
     "batch_axes",
     "batch_sharding",
+    "hybrid_device_array",
     "logical_names",
     "logical_to_mesh_sharding",
     "make_mesh",
+    "num_slices",
     "replicated",
     "spec_for",
 ]
+
+
+def _resolve_shape(shape: Sequence[int], n: int, what: str) -> list[int]:
+    shape = [int(s) for s in shape]
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh shape {tuple(shape)} has more than one -1")
+    if -1 in shape:
+        rest = math.prod(s for s in shape if s != -1)
+        if rest <= 0 or n % rest:
+            raise ValueError(f"mesh shape {tuple(shape)} does not divide {n} {what}")
+        shape[shape.index(-1)] = n // rest
+    if any(s < 1 for s in shape) or math.prod(shape) != n:
+        raise ValueError(f"mesh shape {tuple(shape)} needs {math.prod(shape)} {what}, have {n}")
+    return shape
+
+
+def num_slices(devices: Sequence[Any]) -> int:
+    """Distinct `slice_index` values of the devices (TPU multi-slice); 1 where devices have none
+    (CPU, GPU, one TPU slice)."""
+    return len({getattr(d, "slice_index", 0) for d in devices}) or 1
+
+
+def hybrid_device_array(
+    shape: Sequence[int],
+    axes: Sequence[str],
+    devices: Sequence[Any],
+    dcn_shape: Sequence[int] | None = None,
+) -> np.ndarray:
+    """Devices of a multi-slice mesh: `shape` inside each slice (ICI), `dcn_shape` across slices
+    (data-centre network), as MaxText's `ici_*` / `dcn_*` parallelism
+    (`jax.experimental.mesh_utils.create_hybrid_device_mesh`). The mesh's shape is their
+    element-wise product; every slice is one contiguous block of each axis.
+
+    `shape` may hold one -1 (the rest of a slice's devices). `dcn_shape=None` puts the slices on
+    the first axis (data parallelism across slices: only gradient and statistics reductions
+    cross the slow network, while FSDP gathers stay inside a slice)."""
+    from jax.experimental import mesh_utils
+
+    axes = tuple(axes)
+    n_slices = num_slices(devices)
+    if n_slices == 1 and not hasattr(devices[0], "slice_index"):
+        raise ValueError(
+            f"a multi-slice mesh (dcn_shape {dcn_shape}) needs TPU devices that carry a "
+            f"slice_index; these ({devices[0].platform}) are one slice: leave mesh.dcn_shape unset"
+        )
+    if dcn_shape is None:
+        dcn_shape = (n_slices,) + (1,) * (len(axes) - 1)
+    dcn_shape = [int(s) for s in dcn_shape]
+    if len(shape) != len(axes) or len(dcn_shape) != len(axes):
+        raise ValueError(
+            f"mesh shape {tuple(shape)}, dcn_shape {tuple(dcn_shape)} and axes {axes} differ in "
+            "length"
+        )
+    if math.prod(dcn_shape) != n_slices or min(dcn_shape) < 1:
+        raise ValueError(
+            f"mesh dcn_shape {tuple(dcn_shape)} needs {math.prod(dcn_shape)} slices, the devices "
+            f"are in {n_slices} (slice_index)"
+        )
+    per_slice = len(devices) // n_slices
+    if per_slice * n_slices != len(devices):
+        raise ValueError(f"{len(devices)} devices do not split evenly into {n_slices} slices")
+    ici = _resolve_shape(shape, per_slice, "devices per slice")
+    return mesh_utils.create_hybrid_device_mesh(ici, dcn_shape, list(devices))
 
 
 def make_mesh(
     shape: Sequence[int] = (-1, 1),
     axes: Sequence[str] = ("data", "fsdp"),
     devices: Sequence[jax.Device] | None = None,
+    dcn_shape: Sequence[int] | None = None,
 ) -> Mesh:
-    """A mesh of `devices` (default: all) with Auto axes; one -1 in `shape` takes the rest."""
-    shape = [int(s) for s in shape]
+    """A mesh of `devices` (default: all) with Auto axes; one -1 in `shape` takes the rest.
+
+    Devices of several TPU slices (`slice_index`, a multi-slice pod) or an explicit `dcn_shape`
+    give the hybrid mesh of `hybrid_device_array`: `shape` per slice, `dcn_shape` across."""
     axes = tuple(axes)
     if len(shape) != len(axes):
         raise ValueError(f"mesh shape {tuple(shape)} and axes {axes} differ in length")
     devices = list(jax.devices() if devices is None else devices)
-    n = len(devices)
-    if shape.count(-1) > 1:
-        raise ValueError(f"mesh shape {tuple(shape)} has more than one -1")
-    if -1 in shape:
-        rest = math.prod(s for s in shape if s != -1)
-        if rest <= 0 or n % rest:
-            raise ValueError(f"mesh shape {tuple(shape)} does not divide {n} devices")
-        shape[shape.index(-1)] = n // rest
-    if any(s < 1 for s in shape) or math.prod(shape) != n:
-        raise ValueError(f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices, have {n}")
+    n_slices = num_slices(devices)
+    if n_slices > 1 or (dcn_shape is not None and math.prod(dcn_shape) != 1):
+        arr = hybrid_device_array(shape, axes, devices, dcn_shape)
+        return Mesh(arr, axes, axis_types=(AxisType.Auto,) * len(axes))
+    shape = _resolve_shape(shape, len(devices), "devices")
     return jax.make_mesh(
         tuple(shape), axes, axis_types=(AxisType.Auto,) * len(axes), devices=devices
     )

@@ -17,9 +17,11 @@ from dinojax.sharding import (
     assert_sharded,
     batch_axes,
     batch_sharding,
+    hybrid_device_array,
     logical_names,
     logical_to_mesh_sharding,
     make_mesh,
+    num_slices,
     spec_for,
 )
 
@@ -48,6 +50,52 @@ def test_make_mesh_fills_minus_one_with_auto_axes():
         make_mesh((4, 4))
     with pytest.raises(ValueError, match="differ in length"):
         make_mesh((8,), ("data", "fsdp"))
+
+
+class FakeSliceDevice:
+    """A stand-in for a TPU device of a multi-slice pod: what `create_hybrid_device_mesh` reads
+    (`slice_index`, and `platform` / `device_kind`, which send a non-TPU device list to a plain
+    reshape inside each slice)."""
+
+    platform = device_kind = "cpu"
+
+    def __init__(self, id: int, slice_index: int):
+        self.id, self.slice_index = id, slice_index
+
+    def __repr__(self) -> str:
+        return f"D{self.id}/s{self.slice_index}"
+
+
+def test_hybrid_mesh_puts_slices_on_the_data_axis():
+    # 8 devices of 2 slices, listed interleaved (as a multi-process device list may be)
+    devices = [FakeSliceDevice(i, i % 2) for i in range(8)]
+    assert num_slices(devices) == 2 and num_slices(jax.devices()) == 1
+    # the recipes' mesh (1, -1) per slice; dcn unset: the slices go on the first axis
+    arr = hybrid_device_array((1, -1), ("data", "fsdp"), devices)
+    assert arr.shape == (2, 4)
+    assert [[d.id for d in row] for row in arr] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    # every fsdp row lies in one slice: FSDP gathers never cross; data-parallel columns do
+    assert all(len({d.slice_index for d in row}) == 1 for row in arr)
+    assert all(len({d.slice_index for d in col}) == 2 for col in arr.T)
+    # explicit dcn_shape across the second axis: each slice one contiguous block of columns
+    arr = hybrid_device_array((2, -1), ("data", "fsdp"), devices, dcn_shape=(1, 2))
+    assert arr.shape == (2, 4)
+    assert {d.slice_index for d in arr[:, :2].flat} == {0}
+    assert {d.slice_index for d in arr[:, 2:].flat} == {1}
+    with pytest.raises(ValueError, match=r"dcn_shape \(4, 1\) needs 4 slices.*in 2") as e:
+        hybrid_device_array((1, -1), ("data", "fsdp"), devices, dcn_shape=(4, 1))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="does not divide 4 devices per slice"):
+        hybrid_device_array((3, -1), ("data", "fsdp"), devices)
+
+
+def test_make_mesh_dcn_shape_on_one_slice():
+    # CPU devices carry no slice_index: one slice. An explicit dcn_shape of 1s is the plain mesh;
+    # asking for several slices is one line.
+    assert dict(make_mesh((1, -1), dcn_shape=(1, 1)).shape) == {"data": 1, "fsdp": 8}
+    with pytest.raises(ValueError, match="slice_index") as e:
+        make_mesh((1, -1), dcn_shape=(2, 1))
+    assert "\n" not in str(e.value)
 
 
 def test_spec_rules_divisibility_and_axis_reuse():

@@ -356,6 +356,18 @@ def _crop_major(x: Array, n_crops: int) -> Array:
     return process_blocked_to_crop_major(x, n_crops, jax.process_count())
 
 
+def _masked_tokens(patch_tokens: Array, buf: losses.MaskedTokens) -> Array:
+    """The masked patch tokens (U, D) of the static buffer, split over the batch mesh axes.
+
+    The buffer's indices point anywhere in the global batch, so the gather's result has no
+    sharding of its own: left so, XLA kept every chip's copy whole and ran the iBOT head on all U
+    masked tokens of the global batch on every chip (the head's FLOPs times the chip count). Split
+    over the batch axes like the images, each chip runs the head on U / chips tokens; the values
+    are unchanged (the losses and statistics over the buffer are sums)."""
+    d = patch_tokens.shape[-1]
+    return nn.with_logical_constraint(patch_tokens.reshape(-1, d)[buf.indices], ("batch", None))
+
+
 def _finite(*xs) -> Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]))
 
@@ -411,8 +423,7 @@ def build_step_fn(config, mesh: Mesh, *, setup: StepSetup | None = None):
         else:
             p_cls = centering.sinkhorn_knopp_teacher(t_cls, temp)
         if setup.do_ibot:
-            d = t_out["x_norm_patchtokens"].shape[-1]
-            t_patch = t_ibot(t_out["x_norm_patchtokens"].reshape(-1, d)[buf.indices])
+            t_patch = t_ibot(_masked_tokens(t_out["x_norm_patchtokens"], buf))
             if setup.centering == "centering":
                 p_patch, new_centers["ibot_center"] = centering.ibot_center_and_update(
                     t_patch, state["ibot_center"], temp, buf.valid, setup.center_momentum,
@@ -449,8 +460,7 @@ def build_step_fn(config, mesh: Mesh, *, setup: StepSetup | None = None):
                 terms["koleo_loss"] = koleo
                 total = total + koleo
             if setup.do_ibot:
-                d = s_g["x_norm_patchtokens"].shape[-1]
-                s_patch = s_ibot(s_g["x_norm_patchtokens"].reshape(-1, d)[buf.indices])
+                s_patch = s_ibot(_masked_tokens(s_g["x_norm_patchtokens"], buf))
                 ibot = losses.ibot_patch_loss(
                     s_patch, p_patch, buf.weights, buf.valid, n_img,
                     student_temp=setup.student_temp,

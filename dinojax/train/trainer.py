@@ -319,7 +319,10 @@ def _set_up(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | N
     if t.get("compilation_cache_dir", None):
         # Restarts (preemption, resume) then load the compiled step instead of recompiling.
         jax.config.update("jax_compilation_cache_dir", str(t.compilation_cache_dir))
-    mesh = make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axes), devices)
+    mesh = make_mesh(
+        tuple(config.mesh.shape), tuple(config.mesh.axes), devices,
+        dcn_shape=config.mesh.get("dcn_shape", None),
+    )  # fmt: skip
     rules = tuple(tuple(r) for r in config.mesh.rules)
 
     def say(text: str) -> None:
