@@ -5,7 +5,7 @@ modules with dinojax.convert), identical batch and masks, drop path off, float32
 "highest". Consecutive steps of `make_train_step` and of `OfficialV2Step` / `OfficialV1Step`
 (tests/ssl/official_step.py: the DINOv2 iteration assembled from the official parts, the DINO v1
 iteration written after facebookresearch/dino `main_dino.py` `train_one_epoch`) must give the same
-losses (<= 1e-5 relative) and the same student and teacher weights (<= 1e-5 max abs), with the
+losses (<= 1e-5 relative) and the same student and teacher weights (<= 3.5e-5 max abs), with the
 official Adam eps 1e-8. Every step clips: the official pre-clip norms are asserted above
 `optim.clip_grad` (per submodule for DINOv2; for v1 some tensors above and some below), so the
 comparison covers the clipped path of `clip_grad_norm_` / `clip_gradients`.
@@ -63,7 +63,11 @@ pytestmark = [
 ]
 
 LOSS_TOL = 1e-5  # relative
-WEIGHT_TOL = 1e-5  # max abs
+# max abs. Measured worst: <= 1e-5 on the machine the recipes were first checked on; 1.71e-5
+# (sinkhorn_separate, backbone.blocks.1.mlp.fc1.weight) on another x86 CPU with the same
+# packages: the CPUs' float32 kernels round differently and Adam's normalisation amplifies it.
+# A real mistake (a wrong lr, clip or weight decay) moves weights by ~lr = 4e-3.
+WEIGHT_TOL = 3.5e-5
 NOISE_REL = 1e-6  # gradient elements below this fraction of their leaf's largest are noise
 LOSS_KEYS = ("loss", "dino_local_loss", "dino_global_loss", "koleo_loss", "ibot_loss")
 SCHEDULE_KEYS = ("lr", "wd", "momentum", "teacher_temp", "last_layer_lr")
@@ -377,10 +381,10 @@ def test_steps_match_official(recipe, torch_process_group):
         check_weights(ours_flat(state[which], "dinov2"), torch_flat(mods), masks,
                       noise_bound=bound)  # fmt: skip
     # the weights really moved (a step that changed nothing would pass the comparison above),
-    # the teacher too, by 50x the tolerance (momentum 0.9: measured 7.4e-4 and more)
+    # the teacher too, by 10x the tolerance (momentum 0.9: measured 5.3e-4 and more)
     for which in ("student", "teacher"):
         moved = max_weight_diff(ours_flat(state[which], "dinov2"), ours_flat(params, "dinov2"))
-        assert moved[0] > 50 * WEIGHT_TOL, (which, moved)
+        assert moved[0] > 10 * WEIGHT_TOL, (which, moved)
 
 
 def test_v1_recipe_matches_official_with_skip_freeze():
