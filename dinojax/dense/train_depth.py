@@ -105,6 +105,9 @@ def out_index_for(model, layers: int) -> list[int]:
         return [depth - 1]
     if WIDTH_DEPTH.get(d) == depth:
         return list(OUT_INDEX_4[d])
+    if depth < 4:
+        raise ValueError(f"a linear4 depth head needs a backbone of at least 4 blocks, this one "
+                         f"has {depth}; use layers=1")  # fmt: skip
     return [depth // 4 - 1, depth // 2 - 1, 3 * depth // 4 - 1, depth - 1]
 
 
