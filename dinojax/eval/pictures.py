@@ -230,8 +230,16 @@ class _ClsAttention:
         return {"attn": attn[:, :, 0, first_patch:].astype(jnp.float32)}
 
 
+def _check_attention(model) -> None:
+    if not hasattr(model, "get_last_self_attention"):
+        name = getattr(model.cfg, "name", type(model).__name__)
+        raise ValueError(f"attention pictures need a ViT (self-attention); {name} is a "
+                         f"{type(model).__name__}: use the PCA pictures instead")  # fmt: skip
+
+
 def attention_maps(model, image: Any, size: int | None = 448) -> np.ndarray:
     """(heads, h, w) CLS-to-patch attention of the last block for one image."""
+    _check_attention(model)
     img = prepare_image(image, model.cfg.patch_size, size)
     p = model.cfg.patch_size
     attn = _run(model, _ClsAttention(), img)["attn"][0]
@@ -268,6 +276,7 @@ def attention_pictures(
     With `mass`, each map shows DINO's thresholded mask (`attention_mass_masks`) instead."""
     if not images:
         raise ValueError("no images given")
+    _check_attention(model)
     if cols <= 0 or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"cols must be positive and alpha in [0, 1], got {cols}, {alpha}")
     if mass is not None and not 0.0 < mass <= 1.0:
