@@ -315,6 +315,18 @@ def is_hf_v3(sd: dict) -> bool:
     )
 
 
+def _lazy_concat(parts: list):
+    """Row-wise concatenation, read only when the converter asks for it."""
+    from dinojax.convert.io import LazyTensor
+
+    shapes = [tuple(p.shape) for p in parts]
+    if len({s[1:] for s in shapes}) != 1:
+        raise ConversionError(f"q / k / v projections of different shapes {shapes}")
+    shape = (sum(s[0] for s in shapes), *shapes[0][1:])
+    dtype = np.result_type(*[p.dtype for p in parts])
+    return LazyTensor(shape, dtype, lambda: np.concatenate([np.asarray(p) for p in parts]))
+
+
 def from_hf(sd: dict[str, np.ndarray], config: dict | None = None) -> dict[str, np.ndarray]:
     """Hugging Face DINOv3ViTModel keys -> official keys: q/k/v packed into qkv with a zero key
     bias and the key-bias mask, `register_tokens` -> `storage_tokens`, RoPE periods from the
@@ -330,9 +342,10 @@ def from_hf(sd: dict[str, np.ndarray], config: dict | None = None) -> dict[str, 
     unknown = []
     gated = any(".mlp.gate_proj." in k for k in sd)
     for k, v in sd.items():
-        v = np.asarray(v)
+        # Tensors stay unread (`dinojax.convert.io.LazyTensor`) until conversion places them: the
+        # converter's peak memory stays near one copy of the model (README "Memory").
         if k in _HF_TOP:
-            out[_HF_TOP[k]] = v.reshape(1, -1) if k == "embeddings.mask_token" else v
+            out[_HF_TOP[k]] = np.asarray(v).reshape(1, -1) if k == "embeddings.mask_token" else v
             continue
         if k == "rope_embeddings.inv_freq":  # non-persistent in HF; tolerated if saved
             continue
@@ -367,8 +380,9 @@ def from_hf(sd: dict[str, np.ndarray], config: dict | None = None) -> dict[str, 
                 raise ConversionError(
                     f"layer {i}: attention projections {sorted(parts)}, expected q, k and v"
                 )
-            out[f"blocks.{i}.attn.qkv.weight"] = np.concatenate([parts[c] for c in "qkv"])
+            out[f"blocks.{i}.attn.qkv.weight"] = _lazy_concat([parts[c] for c in "qkv"])
             continue
+        parts = {c: np.asarray(t) for c, t in parts.items()}  # biases: small
         # Biases: HF DINOv3 has query/value biases and no key bias (`key_bias=False`); the
         # official qkv packs a key bias that `bias_mask` zeroes.
         if sorted(parts) != ["q", "v"] and sorted(parts) != ["k", "q", "v"]:

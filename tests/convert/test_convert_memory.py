@@ -1,4 +1,5 @@
-"""Peak resident memory of `convert_weights.py` on a ViT-g-width checkpoint.
+"""Peak resident memory of `convert_weights.py` on a ViT-g-width checkpoint, and on the DINOv3
+families (a ViT-H+-width ViT as official `.pth` and Hugging Face safetensors, a ConvNeXt-B).
 
 The converter streams (dinojax/convert/io.py, checkpoint.py): one tensor is read, converted and
 placed at a time, so its resident high-water mark, less the interpreter and imports, stays within
@@ -124,6 +125,65 @@ def measure(tmp: Path, depth: int) -> dict[str, dict[str, float]]:
         out[name] = {"file_gb": size / 1e9, "peak_gb": peak / 1e9, "baseline_gb": base / 1e9,
                      "ratio": (peak - base) / size}  # fmt: skip
     return out
+
+
+def write_v3_sources(dst: Path, tiny: bool = False) -> dict[str, Path]:
+    """DINOv3 families: a ViT-H+/16-width ViT (width 1280, SwiGLU 5120, 4 blocks) as an official
+    `.pth` and as Hugging Face safetensors, and a full ConvNeXt-B official `.pth`."""
+    import jax
+    import torch
+    from safetensors.numpy import save_file
+
+    from dinojax.convert import v3 as v3conv
+    from dinojax.convert.convnext import convnext_to_official
+    from dinojax.models.config import get_config
+    from dinojax.models.convnext import ConvNeXtConfig, abstract_convnext_params
+    from dinojax.models.vit3 import abstract_params
+
+    dst.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+
+    def rand(a):
+        return rng.standard_normal(a.shape, dtype=np.float32) * 0.02
+
+    def save_pth(sd, path):
+        torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, path)
+
+    if tiny:
+        cfg = get_config("dinov3_vits16", depth=1, embed_dim=64, num_heads=1)
+        ccfg = ConvNeXtConfig(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
+    else:
+        cfg = get_config("dinov3_vith16plus", depth=4)
+        ccfg = get_config("dinov3_convnext_base")
+    sd = v3conv.to_official(jax.tree.map(rand, abstract_params(cfg)), cfg)
+    paths = {"v3_vit": dst / "v3.pth", "v3_hf": dst / "v3.safetensors", "convnext": dst / "cnx.pth"}
+    save_pth(sd, paths["v3_vit"])
+    save_file(v3conv.to_hf(sd, cfg), str(paths["v3_hf"]))
+    del sd
+    save_pth(convnext_to_official(jax.tree.map(rand, abstract_convnext_params(ccfg)), ccfg),
+             paths["convnext"])  # fmt: skip
+    return paths
+
+
+def measure_v3(tmp: Path) -> dict[str, dict[str, float]]:
+    tiny = write_v3_sources(tmp / "tiny", tiny=True)
+    big = write_v3_sources(tmp / "big")
+    out = {}
+    for name, src in big.items():
+        base = peak_rss([str(tiny[name]), str(tmp / f"t_{name}")])
+        peak = peak_rss([str(src), str(tmp / f"out_{name}")])
+        size = src.stat().st_size
+        out[name] = {"file_gb": size / 1e9, "peak_gb": peak / 1e9, "baseline_gb": base / 1e9,
+                     "ratio": (peak - base) / size}  # fmt: skip
+    return out
+
+
+@pytest.mark.slow
+def test_dinov3_conversion_peak_memory_within_1_5x_checkpoint(tmp_path):
+    figures = measure_v3(tmp_path)
+    print(figures)
+    too_big = {k: round(v["ratio"], 2) for k, v in figures.items() if v["ratio"] > LIMIT}
+    assert not too_big, f"peak resident memory above {LIMIT}x the checkpoint: {too_big}"
 
 
 @pytest.mark.slow
