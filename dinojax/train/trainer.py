@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -157,6 +158,21 @@ def _validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError("optim.epochs x optim.epoch_length must be >= 1")
 
 
+def _local_workdir(workdir: str | Path) -> Path:
+    """The workdir as a local path. A URL (`gs://bucket/run`) is refused before anything is
+    written: `Path` would turn it into a local directory named `gs:` and the checkpoints would
+    silently stay on the worker's disk."""
+    text = str(workdir)
+    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", text)
+    if scheme:
+        raise ValueError(
+            f"workdir {text!r} is a {scheme.group(1)}:// URL; the trainer writes to a file-system "
+            "path: mount the bucket (e.g. Cloud Storage FUSE: gcsfuse BUCKET /mnt/BUCKET, as in "
+            "README 'Launching on a Cloud TPU pod') and pass the mounted path"
+        )
+    return Path(workdir)
+
+
 def _labelled(source: Any) -> bool:
     """Whether a record source carries labels (sources give label -1 when unlabelled)."""
     labels = getattr(source, "labels", None)
@@ -238,7 +254,7 @@ def train(
     `devices` restricts the mesh to those devices (default: all).
     Raises `TrainingDiverged` on a non-finite step with nan_policy="stop".
     """
-    user_config, workdir = config, Path(workdir)
+    user_config, workdir = config, _local_workdir(workdir)
     config = resolve_durations(config)
     _validate(config)
     run, state = _set_up(config, devices)

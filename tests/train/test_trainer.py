@@ -323,3 +323,12 @@ def test_missing_knn_split_fails_before_compiling(tmp_path):
                        r".*does not exist.*knn_every=0"):  # fmt: skip
         train(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """`Path("gs://bucket/run")` is the local path `gs:/bucket/run`: the run would checkpoint to
+    the worker's disk. The trainer refuses the URL and names the mount route instead."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"'gs://bucket/run' is a gs:// URL.*gcsfuse"):
+        train(tiny_config(), "gs://bucket/run")
+    assert list(tmp_path.iterdir()) == []
