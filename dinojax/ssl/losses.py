@@ -36,7 +36,10 @@ teacher side under stop_gradient):
 `temp` (teacher temperature) may be a traced scalar computed from the step, so a scheduled
 temperature neither retraces the step nor is baked into it as a constant.
 `n_shards` is a static Python int: the number of data-parallel devices the batch is split over
-(see `koleo_loss`); 1 reproduces a single-GPU run.
+(see `koleo_loss`); 1 reproduces a single-GPU run. This sketch reads one crop-major batch; the
+training step (`dinojax/ssl/step.py`) passes `n_groups=n_shards` to the swap, `dino_loss`,
+`koleo_loss` and `masked_token_buffer` (the layout of n_shards per-GPU blocks), gathers the
+buffer per block and takes the iBOT center per block (`blocks=True`).
 
 Arithmetic is float32 (float64 if the inputs are float64); bf16 inputs are promoted.
 """
