@@ -242,6 +242,19 @@ def test_masked_token_buffer_shard_ids():
     np.testing.assert_array_equal(np.asarray(buf.weights), [1, 1, 1, 0.5, 0.5, 0, 0, 0])
     with pytest.raises(ValueError, match="n_shards=3"):
         losses.masked_token_buffer(jnp.asarray(masks), 8, n_shards=3)
+    # the same rows read as 2 per-GPU blocks (images 0-1, then 2-3, crop-major in each): each
+    # block's tokens in its own half of the buffer, padded there
+    buf = losses.masked_token_buffer(jnp.asarray(masks), 8, n_shards=2, n_groups=2)
+    np.testing.assert_array_equal(np.asarray(buf.indices), [8, 18, 0, 0, 29, 37, 39, 24])
+    np.testing.assert_array_equal(np.asarray(buf.valid), [1, 1, 0, 0, 1, 1, 1, 0])
+    # rows 1, 3: image 1 (crops 0, 1); rows 4, 6: image 2 = block 1's image 0
+    np.testing.assert_array_equal(np.asarray(buf.shard_ids), [0, 0, 0, 0, 1, 1, 1, 0])
+    np.testing.assert_array_equal(np.asarray(buf.weights), [1, 1, 0, 0, 1, 0.5, 0.5, 0])
+    assert int(buf.n_dropped) == 0
+    # a block with more masked tokens than its share of the buffer: counted, not silent
+    assert int(losses.masked_token_buffer(jnp.asarray(masks), 4, n_groups=2).n_dropped) == 1
+    with pytest.raises(ValueError, match="does not split into 2 groups"):
+        losses.masked_token_buffer(jnp.asarray(masks), 7, n_groups=2)
 
 
 def to_blocks(x: np.ndarray, n_crops: int, n_groups: int) -> np.ndarray:
