@@ -12,20 +12,21 @@ the masks of a rank's images from one seeded by (seed, step, global rank). So ba
 pure function of (seed, k, process index, process count): resuming at step `k` reproduces the
 exact batches, and the checkpointed data state is just the step.
 
-Layout. Per process, the batch is the official collate's (`dinov2/data/collate.py`
-`collate_data_and_cast`, facebookresearch/dinov2):
-`global_crops` (2b, S, S, 3) crop-major ([crop 0 of the b images; crop 1]), `local_crops`
-(n_local*b, s, s, 3) crop-major, `masks` (2b, N) aligned with `global_crops`, the collate's
-`mask_indices` / `masks_weight` padded to a static length, `n_masked`, and `labels` (b,).
-The global arrays concatenate the processes' batches along axis 0 (that is what
-`jax.make_array_from_process_local_data` builds from per-process data), so with one process -
-one host with any number of devices - they are exactly the official crop-major batch of B images;
-with P processes each process's block of rows is crop-major ("process-blocked";
-`process_blocked_to_crop_major` reorders it, at the price of moving rows between devices). The
-masks follow official per-rank semantics with one process as `mask_groups` ranks (the trainer
-uses the step's per-GPU groups, `dinojax.train.data.mask_groups`); rank p*g + r seeds them, so
-the global masks depend on the number of ranks, not of processes. `mask_indices` index the
-*global* flattened `masks`.
+Layout. Per process, the batch is `mask_groups` = g blocks, each one official per-GPU collate
+(`dinov2/data/collate.py` `collate_data_and_cast`, facebookresearch/dinov2) of b / g of the
+process's b images: block r holds images [r*b/g, (r+1)*b/g) as `global_crops` (2b/g, S, S, 3)
+crop-major ([crop 0 of its images; crop 1]), and so do `local_crops` (n_local*b/g rows per block)
+and `masks` (2b/g rows, aligned with `global_crops`); then the collate's `mask_indices` /
+`masks_weight` padded to a static length, `n_masked`, and `labels` (b,) in image order. The
+global arrays concatenate the processes' batches along axis 0 (what
+`jax.make_array_from_process_local_data` builds from per-process data), so P processes of g
+blocks give the same global batch as one process of P*g blocks: the P*g official ranks' batches
+side by side. The training step reads that layout (`dinojax.ssl.losses`), and with one block per
+device (the trainer: g = the step's per-GPU groups, `dinojax.train.data.mask_groups`) every crop
+of an image lies on the image's device, whatever the process count: nothing is reordered. The
+masks follow official per-rank semantics: rank p*g + r seeds block r of process p, so the global
+masks depend on the number of ranks, not of processes. `mask_indices` index the *global*
+flattened `masks`.
 
 Bad data. A record that cannot be read or decoded is skipped, and a record of the same
 process's shard takes its place: a seeded draw (seed, step, process, slot, attempt) among the
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import queue
 import sys
 import threading
@@ -61,7 +63,6 @@ __all__ = [
     "DinoDataIterator",
     "DinoDataPipeline",
     "normalize_images",
-    "process_blocked_to_crop_major",
 ]
 
 log = logging.getLogger("dinojax.data")
@@ -102,9 +103,10 @@ class DataConfig:
     worker_buffer_size: int = 2
     prefetch: int = 2  # device batches kept ready by the prefetch thread
     max_consecutive_bad: int = 64
-    # Official DINOv2 collates per GPU: with mask_groups = g, each process's batch is masked as g
-    # ranks of batch_size / g images would be (stratification, shuffle and upper bound per
-    # group). 1: the process is the rank.
+    # Official DINOv2 collates per GPU: with mask_groups = g, each process's batch is g blocks, one
+    # per rank of batch_size / g images, each collated (crop-major) and masked as that rank would
+    # be (stratification, shuffle and upper bound per group; module docstring). 1: the process
+    # is the rank.
     mask_groups: int = 1
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
     masking: MaskingConfig | None = dataclasses.field(default_factory=MaskingConfig)
@@ -214,7 +216,8 @@ class _LoadAndAugment:
 
 
 class _Collate:
-    """grain batch_fn: b records -> one crop-major batch with iBOT masks (official collate)."""
+    """grain batch_fn: b records -> `mask_groups` crop-major blocks with iBOT masks (the
+    official collate of each rank; module docstring)."""
 
     def __init__(self, augment: AugmentConfig, masking: MaskingConfig | None, seed: int,
                  process_index: int, local_batch: int, local_shards: int,
@@ -232,8 +235,8 @@ class _Collate:
     def masks(self, step: int) -> np.ndarray:
         """(2b, N) masks of batch `step`: each group of b/g images masked like one official rank.
 
-        Group r owns images [r*b/g, (r+1)*b/g); its 2b/g crops are, crop-major, rows
-        c*b + r*b/g + j of the process's crop-major batch.
+        Group r owns images [r*b/g, (r+1)*b/g); its 2b/g crops are block r, rows
+        r*2b/g + c*b/g + j (crop c of its image j).
         """
         m, b, g = self.masking, self.b, self.groups
         bg = b // g
@@ -242,25 +245,27 @@ class _Collate:
             # keyed by the global rank p*g + r: P processes of g groups mask exactly like one
             # process of P*g groups, so the masks do not depend on the process count
             rng = np.random.default_rng([self.seed, _TAG_MASKS, step, self.p * g + r])
-            mr = sample_masks(2 * bg, self.gen, rng, m.mask_probability, m.mask_ratio)
-            for c in range(2):
-                out[c * b + r * bg : c * b + (r + 1) * bg] = mr[c * bg : (c + 1) * bg]
+            out[r * 2 * bg : (r + 1) * 2 * bg] = sample_masks(
+                2 * bg, self.gen, rng, m.mask_probability, m.mask_ratio
+            )
         return out
 
     def __call__(self, elements: list[dict[str, Any]]) -> dict[str, Any]:
-        c, b = self.cfg, len(elements)
+        c, b, g = self.cfg, len(elements), self.groups
         dtype = np.float32 if c.normalize else np.uint8
         S, s, nl = c.global_crops_size, c.local_crops_size, c.local_crops_number
-        gc = np.empty((2, b, S, S, 3), dtype)
-        lc = np.empty((nl, b, s, s, 3), dtype)
+        # g blocks (one per official rank), each crop-major like collate_data_and_cast
+        gc = np.empty((g, 2, b // g, S, S, 3), dtype)
+        lc = np.empty((g, nl, b // g, s, s, 3), dtype)
         for j, e in enumerate(elements):
+            r, i = divmod(j, b // g)
             for k in range(2):
-                self.aug.normalize_into(e["global_crops"][k], gc[k, j])
+                self.aug.normalize_into(e["global_crops"][k], gc[r, k, i])
             for k in range(nl):
-                self.aug.normalize_into(e["local_crops"][k], lc[k, j])
+                self.aug.normalize_into(e["local_crops"][k], lc[r, k, i])
         step = elements[0]["step"]
         out: dict[str, Any] = {
-            "global_crops": gc.reshape(2 * b, S, S, 3),  # crop-major, like collate_data_and_cast
+            "global_crops": gc.reshape(2 * b, S, S, 3),
             "local_crops": lc.reshape(nl * b, s, s, 3),
             "labels": np.array([e["label"] for e in elements], dtype=np.int32),
             # host-side bookkeeping
@@ -274,7 +279,7 @@ class _Collate:
                 self.masks(step),
                 self.upper,
                 index_offset=self.p * 2 * b * self.n_tokens,
-                pad_to_multiple=self.k,
+                pad_to_multiple=_buffer_multiple(self.k, self.groups),
             )
             n_masked = np.zeros((self.k,), np.int32)  # sum() is the count; one slot per shard
             n_masked[0] = coll["n_masked"][0]
@@ -301,7 +306,8 @@ def batch_spec(c, process_count: int, local_shards: int, sharding) -> dict[str, 
     if c.masking is not None:
         n_tokens = c.masking.generator(a.global_crops_size).num_patches
         upper = _process_mask_upper_bound(c.masking, n_tokens, b, c.mask_groups)
-        u = -(-upper // k) * k  # the buffer splits evenly over the local shards
+        mult = _buffer_multiple(k, c.mask_groups)
+        u = -(-upper // mult) * mult  # the buffer splits evenly over the shards and groups
         shapes.update(
             masks=((P * 2 * b, n_tokens), np.bool_),
             mask_indices=((P * u,), np.int32),
@@ -312,6 +318,12 @@ def batch_spec(c, process_count: int, local_shards: int, sharding) -> dict[str, 
         key: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
         for key, (shape, dtype) in shapes.items()
     }
+
+
+def _buffer_multiple(local_shards: int, groups: int) -> int:
+    # The masked-token buffer splits evenly over the process's device shards and its groups (the
+    # step gives each group an equal block of it).
+    return math.lcm(local_shards, groups)
 
 
 def _process_mask_upper_bound(m: MaskingConfig, n_tokens: int, b: int, groups: int) -> int:
@@ -481,24 +493,6 @@ def normalize_images(x, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
 
     table = jnp.asarray(normalize_lut(mean, std).reshape(256, 3))
     return table[x.astype(jnp.int32), jnp.arange(3)]
-
-
-def process_blocked_to_crop_major(x, n_crops: int, n_processes: int):
-    """Reorder a multi-process batch (process-blocked, crop-major per block) to the global
-    crop-major order of the official collate: row c*B + i for crop c of global image i.
-
-    Identity for one process. With several, XLA moves rows between devices (an all-to-all),
-    so prefer code that works per block: `x.reshape(n_processes, n_crops, b, ...)`.
-    Works on numpy and jax arrays (inside jit too).
-    """
-    if n_processes == 1:
-        return x
-    rows = x.shape[0]
-    if rows % (n_processes * n_crops):
-        raise ValueError(f"{rows} rows do not split into {n_processes} x {n_crops} blocks")
-    b = rows // (n_processes * n_crops)
-    y = x.reshape(n_processes, n_crops, b, *x.shape[1:])
-    return y.swapaxes(0, 1).reshape(x.shape)
 
 
 class _Failure:

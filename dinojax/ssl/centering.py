@@ -130,6 +130,7 @@ def ibot_update_center(
     *,
     shard_ids: Array | None = None,
     n_shards: int = 1,
+    blocks: bool = False,
 ) -> Array:
     """Next iBOT center m c + (1 - m) mean over the real masked tokens
     (`iBOTPatchLoss.update_center`).
@@ -140,12 +141,20 @@ def ibot_update_center(
     tokens. To reproduce a run on `n_shards` GPUs exactly, pass the per-token shard index in
     [0, n_shards) (`dinojax.ssl.losses.masked_token_buffer(..., n_shards)` returns it): the
     result is then the mean of the per-shard means. A shard without masked tokens contributes 0
-    (the official code would produce NaN).
+    (the official code would produce NaN). `blocks=True`: the buffer is `n_shards` equal
+    consecutive blocks, block s holding shard s's tokens (`masked_token_buffer` with n_groups =
+    n_shards); the per-shard sums are then taken block by block, in place on a buffer sharded by
+    blocks (a scatter by `shard_ids` would sum an (n_shards, K) array over every device).
     """
     t = _float(teacher_logits)
     w = valid.astype(t.dtype)[:, None]
     tv = jnp.where(valid[:, None], t, 0)  # padded rows excluded from every sum
-    if shard_ids is None or n_shards == 1:
+    if blocks and n_shards > 1:
+        k = t.shape[-1]
+        sums = jnp.sum(tv.reshape(n_shards, -1, k), axis=1)
+        counts = jnp.sum(w.reshape(n_shards, -1, 1), axis=1)
+        batch_center = _div(jnp.sum(_div(sums, jnp.maximum(counts, 1)), axis=0), n_shards)
+    elif shard_ids is None or n_shards == 1:
         batch_center = _div(jnp.sum(tv, axis=0), jnp.maximum(jnp.sum(w), 1))
     else:
         sums = jax.ops.segment_sum(tv, shard_ids, num_segments=n_shards)
@@ -165,11 +174,18 @@ def ibot_center_and_update(
     *,
     shard_ids: Array | None = None,
     n_shards: int = 1,
+    blocks: bool = False,
 ) -> tuple[Array, Array]:
     """(iBOT teacher probabilities for this step, iBOT center for the next step)."""
     probs = ibot_softmax_center_teacher(teacher_logits, center, teacher_temp, valid)
     new = ibot_update_center(
-        center, teacher_logits, valid, momentum, shard_ids=shard_ids, n_shards=n_shards
+        center,
+        teacher_logits,
+        valid,
+        momentum,
+        shard_ids=shard_ids,
+        n_shards=n_shards,
+        blocks=blocks,
     )
     return probs, new
 

@@ -1,11 +1,17 @@
 """DINO, iBOT and KoLeo losses (facebookresearch/dinov2 `dinov2/loss/`), pure functions on GLOBAL
 arrays.
 
-Batch layout (`dinov2/data/collate.py` `collate_data_and_cast`): crop-major. Global crops are (2B,
-...) = [crop 0 of all B images; crop 1 of all B images], local crops (n_local*B, ...) likewise. B is
-the GLOBAL number of images; sharding the batch over a mesh changes nothing in these formulas except
-for KoLeo (and optionally the iBOT center), which the official code computes per GPU: there the
-number of data shards is an explicit static argument.
+Batch layout: `n_groups` blocks, each the official per-GPU collate (`dinov2/data/collate.py`
+`collate_data_and_cast`, crop-major over the block's own images). Global crops are (2B, ...) =
+[group 0: crop 0 of its b images, crop 1 of them; group 1: ...], b = B / n_groups, local crops
+(n_local*B, ...) likewise; image j of group g is global image g*b + j. `n_groups=1` is one
+crop-major batch of B images. Sharded over the batch devices with one group (or several whole
+groups) per device, every crop of an image sits on the device of the image, so pairing crops
+(the DINO terms, the crop swap, KoLeo) moves nothing between devices (nor across the slices of a
+multi-slice pod): only the reductions (sums over the batch) communicate. B is the GLOBAL number
+of images; the layout changes nothing in these formulas except for KoLeo (and optionally the
+iBOT center), which the official code computes per GPU: there the number of data shards is an
+explicit static argument.
 
 How the trainer wires one step (`dinov2/train/ssl_meta_arch.py` `SSLMetaArch.forward_backward`;
 teacher side under stop_gradient):
@@ -30,7 +36,10 @@ teacher side under stop_gradient):
 `temp` (teacher temperature) may be a traced scalar computed from the step, so a scheduled
 temperature neither retraces the step nor is baked into it as a constant.
 `n_shards` is a static Python int: the number of data-parallel devices the batch is split over
-(see `koleo_loss`); 1 reproduces a single-GPU run.
+(see `koleo_loss`); 1 reproduces a single-GPU run. This sketch reads one crop-major batch; the
+training step (`dinojax/ssl/step.py`) passes `n_groups=n_shards` to the swap, `dino_loss`,
+`koleo_loss` and `masked_token_buffer` (the layout of n_shards per-GPU blocks), gathers the
+buffer per block and takes the iBOT center per block (`blocks=True`).
 
 Arithmetic is float32 (float64 if the inputs are float64); bf16 inputs are promoted.
 """
@@ -52,26 +61,34 @@ KOLEO_EPS = 1e-8
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def _split_crops(x: Array, n_crops: int, what: str) -> Array:
-    if n_crops < 1 or x.shape[0] % n_crops:
+def crop_axis(x: Array, n_crops: int, n_groups: int = 1, what: str = "batch") -> Array:
+    """(n_crops, B, ...): crop c of global image i at [c, i], from a batch of `n_groups` blocks
+    (the module's layout). The image axis keeps the blocks' order, so a batch sharded by blocks
+    stays sharded (on the image axis) and nothing moves."""
+    if n_groups < 1 or x.shape[0] % (n_groups * n_crops):
         raise ValueError(
-            f"{what}: expected a crop-major batch whose leading size {x.shape[0]} is a multiple "
-            f"of the number of crops {n_crops}"
+            f"{what}: expected {n_groups} crop-major blocks of {n_crops} crops, a leading size "
+            f"that is a multiple of {n_groups * n_crops}, got {x.shape[0]}"
         )
-    return x.reshape(n_crops, x.shape[0] // n_crops, *x.shape[1:])
+    y = x.reshape(n_groups, n_crops, x.shape[0] // (n_groups * n_crops), *x.shape[1:])
+    return jnp.swapaxes(y, 0, 1).reshape(n_crops, -1, *x.shape[1:])
 
 
-def swap_global_crops(x: Array, n_global_crops: int = 2) -> Array:
-    """Crop-major [crop0; crop1] -> [crop1; crop0] so student crop i meets teacher crop 1-i
-    (`SSLMetaArch.forward_backward`).
+def swap_global_crops(x: Array, n_global_crops: int = 2, *, n_groups: int = 1) -> Array:
+    """Crop-major [crop0; crop1] -> [crop1; crop0] in each of the `n_groups` blocks, so student
+    crop i meets teacher crop 1-i (`SSLMetaArch.forward_backward`).
 
     Apply it to the teacher CLS tokens (or logits) before centering / Sinkhorn, like the official
-    code (`torch.cat((chunks[1], chunks[0]))`).
+    code (`torch.cat((chunks[1], chunks[0]))`, on each GPU's batch).
     """
     if n_global_crops != 2:
         raise ValueError(f"the official crop swap needs 2 global crops, got {n_global_crops}")
-    chunks = _split_crops(x, 2, "swap_global_crops")
-    return jnp.concatenate([chunks[1], chunks[0]], axis=0)
+    if n_groups < 1 or x.shape[0] % (2 * n_groups):
+        raise ValueError(
+            f"swap_global_crops: {x.shape[0]} rows, not a multiple of {n_groups} blocks x 2 crops"
+        )
+    y = x.reshape(n_groups, 2, x.shape[0] // (2 * n_groups), *x.shape[1:])
+    return y[:, ::-1].reshape(x.shape)
 
 
 def cross_entropy(teacher_probs: Array, student_logits: Array, student_temp=STUDENT_TEMP) -> Array:
@@ -87,6 +104,7 @@ def dino_loss(
     *,
     n_global_crops: int = 2,
     student_temp=STUDENT_TEMP,
+    n_groups: int = 1,
 ) -> tuple[Array, Array]:
     """DINO CLS loss as the two official terms `(dino_local, dino_global)`
     (`SSLMetaArch.forward_backward`).
@@ -97,6 +115,7 @@ def dino_loss(
         or None / a (0, K) array when there are no local crops.
       teacher_probs: (2B, K) teacher targets ALREADY SWAPPED (`swap_global_crops` before
         centering/Sinkhorn): row r is the target of `student_global_logits[r]`.
+      n_groups: the batch's blocks (module docstring); all three arrays in that layout.
 
     Both terms are normalised by n_global_terms + n_local_terms = 2*1 + max(2*n_local, 1)
     (18 for 2 + 8 crops); their sum is v1's mean over the 18 (teacher, student != teacher) pairs.
@@ -122,17 +141,18 @@ def dino_loss(
     n_local_terms = max(n_local * n_global_crops, 1)
     norm = n_global_terms + n_local_terms  # forward_backward's term count: 2 + 16 = 18
 
-    teacher = _split_crops(_float(teacher_probs), n_global_crops, "teacher_probs")
+    teacher = crop_axis(_float(teacher_probs), n_global_crops, n_groups, "teacher_probs")
     if n_local:
         lsm = jax.nn.log_softmax(_div(_float(student_local_logits), student_temp), axis=-1)
-        lsm = _split_crops(lsm, n_local, "student_local_logits")  # (n_local, B, K)
+        lsm = crop_axis(lsm, n_local, n_groups, "student_local_logits")  # (n_local, B, K)
         total = jnp.zeros((), lsm.dtype)
         for i in range(n_global_crops):  # mean_b H(p_i, s_j), summed over teacher crops i ...
             total = total + jnp.sum(jnp.mean(-jnp.sum(teacher[i] * lsm, axis=-1), axis=-1))
         dino_local = total / norm  # ... and local crops j
     else:
         dino_local = jnp.zeros((), teacher.dtype)
-    # global crops processed together: x loss_scales = 2 (official ssl_meta_arch)
+    # global crops processed together: x loss_scales = 2 (official ssl_meta_arch); the rows are
+    # paired as they lie, so the mean does not depend on the layout
     h = cross_entropy(teacher_probs, student_global_logits, student_temp)
     dino_global = jnp.mean(h) * 2 / norm
     return dino_local, dino_global
@@ -150,6 +170,7 @@ class MaskedTokens(NamedTuple):
     weights: Array  # (U,) float32 1 / max(1, #masked in the token's image); 0 on padding
     valid: Array  # (U,) bool
     shard_ids: Array  # (U,) int32 data shard of the token's image (for per-GPU iBOT centering)
+    n_dropped: Array | int = 0  # () int32 masked tokens beyond a group's share of the buffer
 
 
 def ibot_mask_weights(masks: Array) -> Array:
@@ -160,29 +181,54 @@ def ibot_mask_weights(masks: Array) -> Array:
 
 
 def masked_token_buffer(
-    masks: Array, upperbound: int, *, n_global_crops: int = 2, n_shards: int = 1
+    masks: Array,
+    upperbound: int,
+    *,
+    n_global_crops: int = 2,
+    n_shards: int = 1,
+    n_groups: int = 1,
 ) -> MaskedTokens:
-    """Gather the masked tokens of (2B, N) crop-major masks into a static buffer of `upperbound`.
+    """Gather the masked tokens of (2B, N) masks (`n_groups` crop-major blocks, the module's
+    layout) into a static buffer of `upperbound`.
 
-    Same order as the official `mask_indices_list` (row-major nonzero). `upperbound` must be at
-    least the number of masked tokens (the collate's bound guarantees it); extra tokens would be
-    silently dropped under jit. `n_shards` only fills `shard_ids`: image b of every crop belongs
-    to shard b // (B / n_shards), the images a GPU would hold in the official per-GPU layout.
+    `n_groups=1`: one buffer in the official `mask_indices_list` order (row-major nonzero);
+    `upperbound` must be at least the number of masked tokens (the collate's bound guarantees
+    it). `n_groups > 1` (`upperbound` divisible by it): the buffer is `n_groups` equal blocks, block
+    g holding group g's masked tokens in row-major order, as each official GPU's own buffer. A
+    block's tokens then come from its group's rows only, so a batch sharded by groups gathers
+    them without moving any; each group must hold at most `upperbound / n_groups` masked tokens
+    (the pipeline's per-group bound, `mask_groups`: `upperbound` is the groups times it). Tokens
+    beyond a bound would be silently dropped under jit: `n_dropped` of the result counts them.
+    `n_shards` only fills `shard_ids`: global image i of every crop belongs to shard
+    i // (B / n_shards), the images an official GPU holds.
     """
     n_images, n_tokens = masks.shape
     b = n_images // n_global_crops
-    if n_images % n_global_crops or b % n_shards:
+    if n_images % (n_global_crops * n_groups) or b % n_shards:
         raise ValueError(
             f"masks {masks.shape}: expected (n_global_crops*B, N) with B divisible by "
-            f"n_shards={n_shards} (n_global_crops={n_global_crops})"
+            f"n_shards={n_shards} and n_groups={n_groups} (n_global_crops={n_global_crops})"
         )
-    flat = masks.reshape(-1)
-    (indices,) = jnp.nonzero(flat, size=upperbound, fill_value=0)
-    valid = jnp.arange(upperbound) < jnp.sum(flat.astype(jnp.int32))
-    weights = jnp.where(valid, ibot_mask_weights(masks).reshape(-1)[indices], 0.0)
-    image = (indices // n_tokens) % b
+    if upperbound % n_groups:
+        raise ValueError(f"buffer size {upperbound} does not split into {n_groups} groups")
+    cap = upperbound // n_groups
+    rows = n_images // n_groups  # rows of one group
+
+    def one(m):  # one group's (rows, N) masks: its own buffer, as one official GPU's
+        (idx,) = jnp.nonzero(m.reshape(-1), size=cap, fill_value=0)
+        count = jnp.sum(m.astype(jnp.int32))
+        valid = jnp.arange(cap) < count
+        w = jnp.where(valid, ibot_mask_weights(m).reshape(-1)[idx], 0.0)
+        return idx, valid, w, jnp.maximum(count - cap, 0)
+
+    local, valid, weights, dropped = jax.vmap(one)(masks.reshape(n_groups, rows, n_tokens))
+    indices = (local + (jnp.arange(n_groups) * rows * n_tokens)[:, None]).reshape(-1)
+    valid, weights = valid.reshape(-1), weights.reshape(-1)
+    row = indices // n_tokens
+    bg = b // n_groups  # images per group
+    image = (row // rows) * bg + (row % rows) % bg  # global image index
     shard_ids = jnp.where(valid, image // (b // n_shards), 0).astype(jnp.int32)
-    return MaskedTokens(indices.astype(jnp.int32), weights, valid, shard_ids)
+    return MaskedTokens(indices.astype(jnp.int32), weights, valid, shard_ids, jnp.sum(dropped))
 
 
 def ibot_patch_loss(
@@ -236,7 +282,12 @@ def koleo_loss_single(x: Array, *, n_shards: int = 1, eps: float = KOLEO_EPS) ->
 
 
 def koleo_loss(
-    student_global_cls: Array, *, n_shards: int = 1, n_global_crops: int = 2, eps=KOLEO_EPS
+    student_global_cls: Array,
+    *,
+    n_shards: int = 1,
+    n_global_crops: int = 2,
+    eps=KOLEO_EPS,
+    n_groups: int = 1,
 ) -> Array:
     """Sum over global crops of the per-shard KoLeo on student backbone CLS (2B, D)
     (`SSLMetaArch.forward_backward` sums `KoLeoLoss` over the two global-crop chunks).
@@ -250,8 +301,10 @@ def koleo_loss(
     official GPU. Image b of each crop belongs to shard b // (B / n_shards): that is the
     definition, independent of where XLA physically places the rows (a mismatched placement is
     only a communication cost, never a different result). n_shards=1 is the single-GPU loss.
+    `n_groups`: the batch's blocks (module docstring); with n_groups = n_shards each shard is one
+    block (one official GPU's batch), and a batch sharded by blocks computes it in place.
     """
-    crops = _split_crops(student_global_cls, n_global_crops, "student_global_cls")
+    crops = crop_axis(student_global_cls, n_global_crops, n_groups, "student_global_cls")
     total = jnp.zeros((), jnp.promote_types(crops.dtype, jnp.float32))
     for i in range(n_global_crops):  # official: sum(koleo(p) for p in cls.chunk(2))
         total = total + koleo_loss_single(crops[i], n_shards=n_shards, eps=eps)

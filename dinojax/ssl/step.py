@@ -40,15 +40,21 @@ Shards. KoLeo and the iBOT center are per-GPU quantities in the official code
 `config.loss.n_shards` (optional; default: the number of devices the batch is split over) says
 how many official "GPUs" the global batch stands for; fix it to make a run independent of the mesh.
 
-Batch: `global_crops` (2B, S, S, 3) and `local_crops` (n_local B, s, s, 3), crop-major, uint8
-(normalised on device) or float32; `masks` (2B, N) bool; `mask_indices` only fixes the static
-size U of the masked-token buffer, which is rebuilt from `masks` (same row-major order as the
-collate) so that multi-process batches, process-blocked, are reordered to crop-major first.
+Batch: `global_crops` (2B, S, S, 3) and `local_crops` (n_local B, s, s, 3), uint8 (normalised
+on device) or float32; `masks` (2B, N) bool; `mask_indices` only fixes the static size U of the
+masked-token buffer, which is rebuilt from `masks`. Layout: G = `n_batch_shards` blocks, block g
+the official per-GPU collate of "GPU" g (crop-major over its own B / G images; G = 1 is the
+official crop-major batch), as the input pipeline builds it (`mask_groups`, any process count).
+With G the batch devices (the default), each device holds every crop of its own images: the crop
+pairings of the losses, KoLeo, the drop-path subsets and the iBOT buffer stay on the device, and
+only gradient and statistics reductions cross devices (and the slices of a multi-slice pod).
+The iBOT buffer is G blocks of U / G tokens (each group's masked tokens; the pipeline's
+per-group bound fits); `n_masked_dropped` counts tokens beyond a block (0 with pipeline batches).
 
 Metrics (replicated scalars): `loss` and its terms as they enter it (`dino_local_loss`,
 `dino_global_loss`, `koleo_loss` (x weight), `ibot_loss` (x weight); the official logs show the
 last two halved), `grad_norm_<submodule>` (before clipping), `lr`, `last_layer_lr`, `wd`,
-`momentum`, `teacher_temp`, `n_masked` (iBOT), and `finite`.
+`momentum`, `teacher_temp`, `n_masked` and `n_masked_dropped` (iBOT), and `finite`.
 
 NaN / Inf. `metrics["finite"]` is False when a loss term or a gradient norm is not finite. With
 `config.train.nan_policy == "skip"` such a step leaves every state entry unchanged EXCEPT `step`,
@@ -348,24 +354,19 @@ def _images(x: Array) -> Array:
     return x.astype(jnp.float32)
 
 
-def _crop_major(x: Array, n_crops: int) -> Array:
-    # Multi-process batches are process-blocked (dinojax.data.pipeline); the losses need the
-    # global crop-major order of the official collate. Identity with one process.
-    from dinojax.data.pipeline import process_blocked_to_crop_major
-
-    return process_blocked_to_crop_major(x, n_crops, jax.process_count())
-
-
-def _masked_tokens(patch_tokens: Array, buf: losses.MaskedTokens) -> Array:
+def _masked_tokens(patch_tokens: Array, buf: losses.MaskedTokens, n_groups: int) -> Array:
     """The masked patch tokens (U, D) of the static buffer, split over the batch mesh axes.
 
-    The buffer's indices point anywhere in the global batch, so the gather's result has no
-    sharding of its own: left so, XLA kept every chip's copy whole and ran the iBOT head on all U
-    masked tokens of the global batch on every chip (the head's FLOPs times the chip count). Split
-    over the batch axes like the images, each chip runs the head on U / chips tokens; the values
-    are unchanged (the losses and statistics over the buffer are sums)."""
+    Block g of the buffer (`losses.masked_token_buffer` with `n_groups`) indexes group g's rows
+    only, so the gather runs per group (batched over the group axis): on a batch sharded by
+    groups each device gathers from its own rows. The result is constrained to the batch axes:
+    left unconstrained, XLA kept every chip's copy whole and ran the iBOT head on all U masked
+    tokens of the global batch on every chip (the head's FLOPs times the chip count)."""
     d = patch_tokens.shape[-1]
-    return nn.with_logical_constraint(patch_tokens.reshape(-1, d)[buf.indices], ("batch", None))
+    tokens = patch_tokens.reshape(n_groups, -1, d)
+    local = buf.indices.reshape(n_groups, -1) - (jnp.arange(n_groups) * tokens.shape[1])[:, None]
+    out = jnp.take_along_axis(tokens, local[..., None], axis=1).reshape(-1, d)
+    return nn.with_logical_constraint(out, ("batch", None))
 
 
 def _finite(*xs) -> Array:
@@ -393,19 +394,25 @@ def build_step_fn(config, mesh: Mesh, *, setup: StepSetup | None = None):
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
         k_global, k_local = jax.random.split(key)
 
-        g_img = _crop_major(_images(batch["global_crops"]), 2)
+        # the batch is n_shards blocks, one per official GPU (module docstring)
+        g_img = _images(batch["global_crops"])
         n_img = g_img.shape[0]  # 2B global-crop images
         l_img = None
         if n_local:
-            l_img = _crop_major(_images(batch["local_crops"]), n_local)
+            l_img = _images(batch["local_crops"])
         masks = buf = None
         if setup.family == "dinov2" and "masks" in batch:
-            masks = _crop_major(batch["masks"], 2)
+            masks = batch["masks"]
         if setup.do_ibot:
             if masks is None:
                 raise ValueError("the iBOT loss needs batch['masks'] (pipeline with masking)")
             upper = int(batch["mask_indices"].shape[0])
-            buf = losses.masked_token_buffer(masks, upper, n_shards=n_shards)
+            if upper % n_shards:
+                raise ValueError(
+                    f"the masked-token buffer ({upper}, batch['mask_indices']) must split into "
+                    f"the {n_shards} per-GPU groups (the input pipeline pads it so)"
+                )
+            buf = losses.masked_token_buffer(masks, upper, n_shards=n_shards, n_groups=n_shards)
 
         # ---- teacher: eval mode, no masks, no drop path, no gradient -----------------------
         # (official `SSLMetaArch.forward_backward` `get_teacher_output`, under torch.no_grad)
@@ -414,7 +421,7 @@ def build_step_fn(config, mesh: Mesh, *, setup: StepSetup | None = None):
         t_dino, t_ibot = heads_of(teacher)
         # chunked and swapped BEFORE the head: student crop i meets teacher crop 1 - i (official
         # `get_teacher_output`: `torch.cat((cls_1, cls_0))`)
-        t_cls = t_dino(losses.swap_global_crops(t_out["x_norm_clstoken"]))
+        t_cls = t_dino(losses.swap_global_crops(t_out["x_norm_clstoken"], n_groups=n_shards))
         new_centers = {}
         if setup.centering == "centering":
             p_cls, new_centers["dino_center"] = centering.center_and_update(
@@ -423,11 +430,11 @@ def build_step_fn(config, mesh: Mesh, *, setup: StepSetup | None = None):
         else:
             p_cls = centering.sinkhorn_knopp_teacher(t_cls, temp)
         if setup.do_ibot:
-            t_patch = t_ibot(_masked_tokens(t_out["x_norm_patchtokens"], buf))
+            t_patch = t_ibot(_masked_tokens(t_out["x_norm_patchtokens"], buf, n_shards))
             if setup.centering == "centering":
                 p_patch, new_centers["ibot_center"] = centering.ibot_center_and_update(
                     t_patch, state["ibot_center"], temp, buf.valid, setup.center_momentum,
-                    shard_ids=buf.shard_ids, n_shards=n_shards,
+                    shard_ids=buf.shard_ids, n_shards=n_shards, blocks=True,
                 )  # fmt: skip
             else:
                 p_patch = centering.ibot_sinkhorn_knopp_teacher(t_patch, temp, buf.valid)
@@ -449,18 +456,21 @@ def build_step_fn(config, mesh: Mesh, *, setup: StepSetup | None = None):
                 )
                 s_local = s_dino(s_l["x_norm_clstoken"])
             dino_local, dino_global = losses.dino_loss(
-                s_dino(s_g_cls), s_local, p_cls, student_temp=setup.student_temp
-            )
+                s_dino(s_g_cls), s_local, p_cls, student_temp=setup.student_temp,
+                n_groups=n_shards,
+            )  # fmt: skip
             terms = {"dino_local_loss": dino_local, "dino_global_loss": dino_global}
             total = setup.dino_w * (dino_local + dino_global)
             if setup.do_koleo:
                 # on the student's backbone CLS of the (masked) global crops, per shard (official
                 # `forward_backward` applies `KoLeoLoss` to each global crop's per-GPU batch)
-                koleo = setup.koleo_w * losses.koleo_loss(s_g_cls, n_shards=n_shards)
+                koleo = setup.koleo_w * losses.koleo_loss(
+                    s_g_cls, n_shards=n_shards, n_groups=n_shards
+                )
                 terms["koleo_loss"] = koleo
                 total = total + koleo
             if setup.do_ibot:
-                s_patch = s_ibot(_masked_tokens(s_g["x_norm_patchtokens"], buf))
+                s_patch = s_ibot(_masked_tokens(s_g["x_norm_patchtokens"], buf, n_shards))
                 ibot = losses.ibot_patch_loss(
                     s_patch, p_patch, buf.weights, buf.valid, n_img,
                     student_temp=setup.student_temp,
@@ -513,6 +523,7 @@ def build_step_fn(config, mesh: Mesh, *, setup: StepSetup | None = None):
         )  # fmt: skip
         if setup.do_ibot:
             metrics["n_masked"] = jnp.sum(buf.valid.astype(jnp.int32))
+            metrics["n_masked_dropped"] = buf.n_dropped
         return new_state, metrics
 
     return step_fn

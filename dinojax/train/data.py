@@ -16,16 +16,25 @@ def uses_masks(config: ml_collections.ConfigDict) -> bool:
 
 
 def mask_groups(config: ml_collections.ConfigDict, process_count: int, n_ranks: int | None) -> int:
-    """iBOT mask groups per process: the official ranks of the run, divided among the processes.
+    """Per-GPU groups per process: the official ranks of the run, divided among the processes.
 
-    Official DINOv2 collates (and masks) per GPU. The step reproduces per-GPU KoLeo and iBOT
+    Each group is one block of the process's batch (the official per-GPU collate, crop-major
+    over its own images; `dinojax.data.pipeline`), the layout the step reads, and official
+    DINOv2 masks per GPU. The step reproduces per-GPU KoLeo and iBOT
     centering over `n_ranks` groups of the global batch (`dinojax.ssl.step.n_batch_shards`:
     `loss.n_shards`, else the batch devices), so the masks use the same groups: rank `p * g + r`
     is group `r` of process `p`. Masks - and losses - then depend on the number of ranks, never
-    on how many processes hold them. `data.mask_groups` overrides the per-process count.
+    on how many processes hold them. `data.mask_groups` may set the per-process count, but the
+    step reads the batch as `n_ranks` blocks: with `n_ranks` given it must agree.
     """
     explicit = config.data.get("mask_groups", None)
     if explicit is not None:
+        if n_ranks is not None and int(explicit) * process_count != n_ranks:
+            raise ValueError(
+                f"data.mask_groups {explicit} x {process_count} processes != the step's "
+                f"{n_ranks} per-GPU groups (loss.n_shards, else the batch devices): the batch "
+                "is one block per group; leave data.mask_groups unset"
+            )
         return int(explicit)
     if n_ranks is None:
         return 1
@@ -73,7 +82,8 @@ def data_config(
         num_workers=d.num_workers,
         read_threads=d.read_threads,
         prefetch=d.prefetch,
-        mask_groups=mask_groups(config, process_count, n_ranks) if masking else 1,
+        # the per-GPU blocks of the batch layout (and the iBOT mask ranks), DINO v1 included
+        mask_groups=mask_groups(config, process_count, n_ranks),
         augment=augment,
         masking=masking,
     )

@@ -332,15 +332,23 @@ def test_two_slices_hybrid_mesh(two_slices):
 
 
 def test_two_slices_only_reductions_cross(two_slices):
-    """Across slices (the compiler's DCN sends): the gradient all-reduce, and no parameter is
-    gathered (FSDP stays inside each slice)."""
+    """Across slices (the compiler's DCN sends) only reductions: the gradient all-reduce and the
+    statistics (centers, Sinkhorn sums, norms). No parameter is gathered (FSDP stays inside each
+    slice) and no activation moves: the batch is one crop-major block per device (the official
+    per-GPU collate), so every crop of an image lies on its device and the losses pair crops in
+    place. (With the global crop-major order, slice 0 held crop 0 of every image and slice 1
+    crop 1: measured here then, all-gather 9.7 kB, all-to-all 5.6 kB and collective-permute
+    63 kB of token blocks, CLS tokens and head gradients crossed besides 721 kB of all-reduce.)"""
     import jax
 
     r = two_slices
     coll = r["collectives"]
+    for kind in ("all-gather", "all-to-all", "collective-permute"):
+        assert coll[kind]["cross_slice_count"] == 0, (kind, coll[kind])
     # each chip sends at least its shard of the student's float32 gradient to the other slice
     grads = ct.bytes_per_chip(r["_state"]["student"])
-    assert coll["all-reduce"]["cross_slice_bytes"] >= grads, (coll["all-reduce"], grads)
+    reduced = coll["all-reduce"]["cross_slice_bytes"] + coll["reduce-scatter"]["cross_slice_bytes"]
+    assert reduced >= grads, (coll["all-reduce"], grads)
     # Every state array is split only inside a slice (fsdp) and whole on each: nothing of the
     # parameters needs to cross.
     mesh_axes_used = {
@@ -351,21 +359,3 @@ def test_two_slices_only_reductions_cross(two_slices):
         if a is not None
     }
     assert mesh_axes_used == {"fsdp"}, mesh_axes_used
-    # And no weight matrix (whole, one layer of the scanned blocks, or its fsdp shard) is
-    # all-gathered across slices (the stacked per-layer bias vectors are left out: as long as
-    # the depth, (2, 64), they look like the CLS tokens of two crops, which are sent)
-    params = set()
-    for path, x in _sharded_leaves(r["_state"]["student"]):
-        k = 1 if "['blocks']" in path else 0  # the layer axis of the scanned blocks
-        for shape in (x.shape[k:], x.sharding.shard_shape(x.shape)[k:]):
-            if len(_dims(shape)) >= 2:
-                params.add(_dims(shape))
-    # (all-gathers only: the smoke's 16 patch tokens of width 64 look like a (64, 64) weight's
-    # fsdp shard, and such token blocks are what the collective-permutes send)
-    for shape in coll["all-gather"]["cross_slice_shapes"]:
-        assert _dims(shape) not in params, shape
-    # what else crosses is activation-sized (the crop-major batch order puts the two global
-    # crops of an image on different slices; measured: all-gather 9.7 kB, all-to-all 5.6 kB,
-    # collective-permute 63 kB against 721 kB of all-reduce per step)
-    total = sum(c["cross_slice_bytes"] for c in coll.values())
-    assert coll["all-reduce"]["cross_slice_bytes"] > 0.8 * total

@@ -21,7 +21,6 @@ from dinojax.data.pipeline import (
     DataConfig,
     DinoDataPipeline,
     normalize_images,
-    process_blocked_to_crop_major,
 )
 from dinojax.data.sources import DigitsSource
 
@@ -141,7 +140,7 @@ def test_two_simulated_processes_disjoint_and_complete():
         )
         np.testing.assert_array_equal(np.concatenate([x["labels"] for x in parts]), whole["labels"])
         for p, part in enumerate(parts):
-            for k in range(2):  # process-blocked, crop-major inside the block
+            for k in range(2):  # each process one crop-major block of its own images
                 np.testing.assert_array_equal(
                     part["global_crops"][k * b : (k + 1) * b],
                     whole["global_crops"][k * 2 * b + p * b : k * 2 * b + (p + 1) * b],
@@ -153,19 +152,30 @@ def test_two_simulated_processes_disjoint_and_complete():
             np.testing.assert_array_equal(idx, np.flatnonzero(part["masks"]))
 
 
-def test_process_blocked_to_crop_major():
+def test_processes_of_groups_equal_one_process_of_all_groups():
+    """The batch is one crop-major block per official rank (`mask_groups` per process): two
+    processes of one block each hold, side by side, exactly the global batch of one process of
+    two blocks (crops, masks, labels), so the step needs no reordering on a multi-host pod."""
     src = _Records(24)
     b = 3
     parts = [_take(_pipe(src, p=p, n=2, batch_size=b, seed=5), 1, start=1)[0] for p in range(2)]
-    whole = _take(_pipe(src, batch_size=2 * b, seed=5), 1, start=1)[0]
-    for key, n_crops in (("global_crops", 2), ("local_crops", SMALL.local_crops_number)):
-        blocked = np.concatenate([x[key] for x in parts])  # what the global array holds
-        np.testing.assert_array_equal(
-            process_blocked_to_crop_major(blocked, n_crops, 2), whole[key]
-        )
-        j = jax.jit(process_blocked_to_crop_major, static_argnums=(1, 2))(blocked, n_crops, 2)
-        np.testing.assert_array_equal(np.asarray(j), whole[key])
-    assert process_blocked_to_crop_major(whole["global_crops"], 2, 1) is whole["global_crops"]
+    whole = _take(_pipe(src, batch_size=2 * b, seed=5, mask_groups=2), 1, start=1)[0]
+    for key in ("global_crops", "local_crops", "masks", "labels", "record_index"):
+        np.testing.assert_array_equal(np.concatenate([x[key] for x in parts]), whole[key], key)
+    # block r of the single process: crop c of its image j at row r*2b + c*b + j
+    ref = _take(_pipe(src, batch_size=2 * b, seed=5), 1, start=1)[0]  # one block: crop-major
+    for r in range(2):
+        for c in range(2):
+            np.testing.assert_array_equal(
+                whole["global_crops"][r * 2 * b + c * b : r * 2 * b + (c + 1) * b],
+                ref["global_crops"][c * 2 * b + r * b : c * 2 * b + (r + 1) * b],
+            )
+        n_local = SMALL.local_crops_number
+        for c in range(n_local):
+            np.testing.assert_array_equal(
+                whole["local_crops"][(r * n_local + c) * b : (r * n_local + c + 1) * b],
+                ref["local_crops"][c * 2 * b + r * b : c * 2 * b + (r + 1) * b],
+            )
 
 
 def test_device_arrays_and_resume():
@@ -233,12 +243,12 @@ def test_mask_groups_follow_per_rank_collate():
         "digits", DataConfig(batch_size=4, augment=aug), process_index=0, process_count=1
     )
     assert pipe.mask_upper_bound == 2 * single_group.mask_upper_bound
-    b, bg = 8, 4
+    bg = 4
     for step in range(10):
         m = pipe.masks(step)
         assert m.shape == (16, 64) and m.sum() <= pipe.mask_upper_bound
-        for r in range(2):  # group r: crop-major rows c*b + r*bg + j
-            rows = np.concatenate([np.arange(c * b + r * bg, c * b + (r + 1) * bg) for c in (0, 1)])
+        for r in range(2):  # group r: block r, crop-major rows r*2bg + c*bg + j
+            rows = np.arange(r * 2 * bg, (r + 1) * 2 * bg)
             assert m[rows].any(axis=1).sum() <= bg  # half of the group's 2*bg crops at most
             assert m[rows].sum() <= single_group.mask_upper_bound
     with pytest.raises(ValueError, match="mask_groups"):
@@ -257,13 +267,10 @@ def test_masks_depend_on_ranks_not_processes():
     two = [pipe(4, 2, p, 2) for p in range(2)]
     assert one.mask_upper_bound == sum(t.mask_upper_bound for t in two)
     for step in range(5):
-        m = one.masks(step)  # (16, N) crop-major over 8 images
+        m = one.masks(step)  # (16, N): 4 blocks (ranks) of 2 images, crop-major in each
         for p, t in enumerate(two):
-            mp = t.masks(step)  # (8, N) crop-major over this process's 4 images
-            for c in (0, 1):
-                np.testing.assert_array_equal(
-                    mp[c * 4 : (c + 1) * 4], m[c * 8 + p * 4 : c * 8 + p * 4 + 4]
-                )
+            mp = t.masks(step)  # (8, N): this process's 2 blocks, ranks 2p and 2p + 1
+            np.testing.assert_array_equal(mp, m[p * 8 : (p + 1) * 8])
     assert not np.array_equal(one.masks(0), one.masks(1))
 
 

@@ -242,6 +242,85 @@ def test_masked_token_buffer_shard_ids():
     np.testing.assert_array_equal(np.asarray(buf.weights), [1, 1, 1, 0.5, 0.5, 0, 0, 0])
     with pytest.raises(ValueError, match="n_shards=3"):
         losses.masked_token_buffer(jnp.asarray(masks), 8, n_shards=3)
+    # the same rows read as 2 per-GPU blocks (images 0-1, then 2-3, crop-major in each): each
+    # block's tokens in its own half of the buffer, padded there
+    buf = losses.masked_token_buffer(jnp.asarray(masks), 8, n_shards=2, n_groups=2)
+    np.testing.assert_array_equal(np.asarray(buf.indices), [8, 18, 0, 0, 29, 37, 39, 24])
+    np.testing.assert_array_equal(np.asarray(buf.valid), [1, 1, 0, 0, 1, 1, 1, 0])
+    # rows 1, 3: image 1 (crops 0, 1); rows 4, 6: image 2 = block 1's image 0
+    np.testing.assert_array_equal(np.asarray(buf.shard_ids), [0, 0, 0, 0, 1, 1, 1, 0])
+    np.testing.assert_array_equal(np.asarray(buf.weights), [1, 1, 0, 0, 1, 0.5, 0.5, 0])
+    assert int(buf.n_dropped) == 0
+    # a block with more masked tokens than its share of the buffer: counted, not silent
+    assert int(losses.masked_token_buffer(jnp.asarray(masks), 4, n_groups=2).n_dropped) == 1
+    with pytest.raises(ValueError, match="does not split into 2 groups"):
+        losses.masked_token_buffer(jnp.asarray(masks), 7, n_groups=2)
+
+
+def to_blocks(x: np.ndarray, n_crops: int, n_groups: int) -> np.ndarray:
+    """Crop-major rows (crop c of image i at c*B + i) -> `n_groups` crop-major blocks (block g:
+    its images g*b..(g+1)*b, crop c of image j at g*n_crops*b + c*b + j)."""
+    y = x.reshape(n_crops, n_groups, -1, *x.shape[1:])
+    return np.swapaxes(y, 0, 1).reshape(x.shape)
+
+
+def test_per_gpu_blocks_equal_crop_major():
+    """The step's layout: G blocks, each one official GPU's crop-major batch. Every loss and
+    statistic on it (n_groups=G) equals the same images in the global crop-major order with G
+    official GPUs (n_groups=1, n_shards=G), and, sharded one block per device, its compiled
+    program pairs the crops in place: no all-gather, all-to-all or collective-permute, only
+    reductions (the crop-major order, sharded the same way, needs them)."""
+    G, b, n_tok, upper = 8, 16, 6, 8 * 24  # b: global images
+    rs = np.random.RandomState(8)
+    s_g, s_l, t_raw = logits(rs, 2 * b), logits(rs, N_LOCAL * b), logits(rs, 2 * b)
+    cls = koleo_input(9, 2 * b)
+    masks = np.zeros((2 * b, n_tok), bool)
+    for r in range(2 * b):  # at most 3 tokens per crop: a group's 4 crops fit its 24 slots
+        masks[r, rs.choice(n_tok, size=rs.randint(0, 4), replace=False)] = True
+    tok = logits(rs, 2 * b * n_tok)  # a logit row per (crop, token) of the global crops
+
+    def all_losses(s_g, s_l, t_raw, cls, masks, tok, n_groups):
+        t = losses.swap_global_crops(t_raw, n_groups=n_groups)
+        p = jax.nn.softmax(t / 0.04)
+        local, glob = losses.dino_loss(s_g, s_l, p, n_groups=n_groups)
+        koleo = losses.koleo_loss(cls, n_shards=G, n_groups=n_groups)
+        buf = losses.masked_token_buffer(masks, upper, n_shards=G, n_groups=n_groups)
+        # each block of the buffer gathers from its group's rows (as the step does)
+        tg = tok.reshape(n_groups, -1, K)
+        at = buf.indices.reshape(n_groups, -1) - (jnp.arange(n_groups) * tg.shape[1])[:, None]
+        pt = jnp.take_along_axis(tg, at[..., None], axis=1).reshape(-1, K)
+        ibot = losses.ibot_patch_loss(pt, jax.nn.softmax(pt / 0.04), buf.weights, buf.valid, 2 * b)
+        center = centering.ibot_update_center(
+            jnp.zeros((1, 1, K)), pt, buf.valid, shard_ids=buf.shard_ids, n_shards=G,
+            blocks=n_groups == G,
+        )  # fmt: skip
+        return local, glob, koleo, ibot, center, buf.n_dropped
+
+    ref = jax.jit(partial(all_losses, n_groups=1))(s_g, s_l, t_raw, cls, masks, tok)
+    blocked = (
+        to_blocks(s_g, 2, G), to_blocks(s_l, N_LOCAL, G), to_blocks(t_raw, 2, G),
+        to_blocks(cls, 2, G), to_blocks(masks, 2, G),
+        to_blocks(tok.reshape(2 * b, n_tok, K), 2, G).reshape(-1, K),
+    )  # fmt: skip
+    mesh = jax.make_mesh((G,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    rows = NamedSharding(mesh, P("data"))
+    f = jax.jit(partial(all_losses, n_groups=G))
+    got = f(*[jax.device_put(a, rows) for a in blocked])
+    names = ("dino_local", "dino_global", "koleo", "ibot", "ibot_center")
+    for name, g, r in zip(names, got, ref):
+        assert rel_err(g, r) <= TOL, (name, rel_err(g, r))
+    assert int(got[-1]) == int(ref[-1]) == 0
+    # the swap pairs teacher crop 1 - i with student crop i inside each block
+    swapped = losses.swap_global_crops(jnp.asarray(blocked[2]), n_groups=G)
+    np.testing.assert_array_equal(swapped, to_blocks(np.concatenate([t_raw[b:], t_raw[:b]]), 2, G))
+
+    def moves(fn, args):
+        hlo = fn.lower(*[jax.device_put(a, rows) for a in args]).compile().as_text()
+        return {c for c in ("all-gather", "all-to-all", "collective-permute") if c in hlo}
+
+    assert moves(f, blocked) == set()
+    crop_major = (s_g, s_l, t_raw, cls, masks, tok)
+    assert moves(jax.jit(partial(all_losses, n_groups=1)), crop_major)  # what the blocks avoid
 
 
 # ---------------------------------------------------------------------------------------------

@@ -197,13 +197,19 @@ def with_params(state: dict, shardings: dict, params: dict, *, v1_norm_last_laye
     }
 
 
-def make_batch(c, seed: int, *, pad_to: int = 1) -> dict[str, np.ndarray]:
+def make_batch(c, seed: int, *, pad_to: int = 1, groups: int = 1) -> dict[str, np.ndarray]:
+    """A random batch in the step's layout: `groups` crop-major blocks (one per official GPU),
+    half of each block's global crops masked (so each block's masked tokens fit its equal share
+    of the buffer, as the pipeline's per-group bound guarantees)."""
     rs = np.random.RandomState(100 + seed)
     b, nl = c.batch_size, c.data.local_crops_number
     S, s = c.data.global_crops_size, c.data.local_crops_size
     n_tok = (S // c.model.overrides.patch_size) ** 2
     masks = np.zeros((2 * b, n_tok), bool)
-    masked_rows = rs.permutation(2 * b)[:b]  # half of the global crops masked, like the collate
+    rows = 2 * b // groups  # half of the global crops masked, like the collate
+    masked_rows = np.concatenate(
+        [g * rows + rs.permutation(rows)[: rows // 2] for g in range(groups)]
+    )
     for i in masked_rows:
         masks[i, rs.choice(n_tok, size=rs.randint(1, n_tok // 2 + 1), replace=False)] = True
     upper = b * n_tok // 2 + 3
@@ -473,7 +479,8 @@ def _run_steps_on_mesh(c, shape, n_steps: int, seed: int) -> tuple[list, dict, A
     step = make_train_step(c, mesh, shardings)
     metrics_per_step = []
     for it in range(n_steps):
-        batch = device_batch(make_batch(c, seed=it, pad_to=8), mesh, c.mesh.rules)
+        groups = n_batch_shards(c, mesh)
+        batch = device_batch(make_batch(c, seed=it, pad_to=8, groups=groups), mesh, c.mesh.rules)
         donated = jax.tree.leaves(state)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -482,6 +489,8 @@ def _run_steps_on_mesh(c, shape, n_steps: int, seed: int) -> tuple[list, dict, A
             jax.block_until_ready(state)
         assert not [w for w in caught if "donat" in str(w.message).lower()], caught
         assert all(x.is_deleted() for x in donated)  # donated: the step updated them in place
+        # each group's masked tokens fit its block of the buffer
+        assert int(metrics.get("n_masked_dropped", 0)) == 0
         metrics_per_step.append(jax.device_get(metrics))
     assert specs(state["teacher"]) == specs(state["student"])
     same = jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim), state, shardings)
@@ -527,7 +536,7 @@ def test_sharded_step_equals_single_device_and_compiles_once():
         # nan_policy "skip": a non-finite step leaves the state as it was, except the step count
         before = jax.device_get(state)
         mesh = make_mesh(shape, devices=jax.devices()[: int(np.prod(shape))])
-        bad = make_batch(c, seed=9, pad_to=8)
+        bad = make_batch(c, seed=9, pad_to=8, groups=n_batch_shards(c, mesh))
         bad["global_crops"][0, 0, 0, 0] = np.nan
         with jax.default_matmul_precision("highest"):
             state, metrics = step(state, device_batch(bad, mesh, c.mesh.rules))

@@ -118,8 +118,11 @@ def test_data_config_errors():
     assert data_config(c, 2).mask_groups == 1
     with pytest.raises(ValueError, match="3 official ranks"):
         data_config(c, 2, n_ranks=3)
-    c.data.mask_groups = 2  # explicit per-process count wins
-    assert data_config(c, 2, n_ranks=3).mask_groups == 2
+    c.data.mask_groups = 2  # an explicit per-process count must give the step's groups
+    assert data_config(c, 2, n_ranks=4).mask_groups == 2
+    assert data_config(c, 2).mask_groups == 2
+    with pytest.raises(ValueError, match=r"data.mask_groups 2 x 2 processes != the step's 3"):
+        data_config(c, 2, n_ranks=3)
     c.data.augment = "simclr"
     with pytest.raises(ValueError, match="unknown data.augment 'simclr'"):
         data_config(c, process_count=1)

@@ -114,8 +114,8 @@ def test_two_processes_equal_one(tmp_path, recipe, children, reserve_port):
 
     DINOv2: the iBOT masks are drawn per official rank (loss.n_shards = 2 in the tiny recipes:
     two groups in the single process, one per process in the two-process run), keyed by the
-    global rank, so both runs mask the same patches; the process-blocked batch is reordered to
-    crop-major inside the step.
+    global rank, so both runs mask the same patches; the batch is one crop-major block per rank,
+    so two processes of one block hold the same global batch as one process of two.
     """
     single, multi, _ = _run_two_and_one(children, reserve_port, tmp_path, recipe)
     # Measured: DINO v1 losses within 1.3e-7 relative (1 ulp: gloo sums across processes in
