@@ -40,7 +40,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # TPU is a compile target only; runtime stays CPU
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # silences a libtpu start-up error
@@ -250,7 +250,7 @@ _DTYPE_BYTES = {
 }  # fmt: skip
 _ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
 _COMP_HEAD = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+([a-z][a-z\-]*)\((.*)$")
+_INSTR = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([a-z][a-z\-]*)\((.*)$")
 _CALLEES = re.compile(
     r"\b(body|condition|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)"
 )
@@ -269,10 +269,18 @@ def _shape_bytes(shape: str) -> int:
     return total
 
 
-def _parse_hlo(hlo: str) -> tuple[str | None, dict[str, list[tuple[str, str, str]]], dict]:
-    """(entry name, computation -> [(opcode, result shape, rest of line)], computation ->
-    (first line, last line) of its text)."""
-    comps: dict[str, list[tuple[str, str, str]]] = {}
+class _Instr(NamedTuple):
+    op: str  # opcode
+    shape: str  # result shape
+    rest: str  # the line after `opcode(`: operands, then attributes
+    name: str
+    root: bool
+
+
+def _parse_hlo(hlo: str) -> tuple[str | None, dict[str, list[_Instr]], dict]:
+    """(entry name, computation -> its instructions, computation -> (first line, last line) of
+    its text)."""
+    comps: dict[str, list[_Instr]] = {}
     spans: dict[str, tuple[int, int]] = {}
     entry, current, start = None, None, 0
     for i, line in enumerate(hlo.splitlines()):
@@ -290,34 +298,113 @@ def _parse_hlo(hlo: str) -> tuple[str | None, dict[str, list[tuple[str, str, str
             continue
         m = _INSTR.match(line)
         if m:
-            comps[current].append((m.group(2), m.group(1), m.group(3)))
+            root, name, shape, op, rest = m.groups()
+            comps[current].append(_Instr(op, shape, rest, name, bool(root)))
     return entry, comps, spans
 
 
-def _trip_count(cond: list[tuple[str, str, str]]) -> int:
-    # A scan's loop condition: `counter < N`, the counter starting at 0.
-    consts = [int(c) for op, _, rest in cond if op == "constant"
-              for c in re.findall(r"^(\d+)\)", rest)]  # fmt: skip
-    lt = any(op == "compare" and "direction=LT" in rest for op, _, rest in cond)
-    return consts[0] if lt and len(consts) == 1 else 1
+def _operands(rest: str) -> list[str]:
+    return re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
 
 
-def _multiplicities(entry: str | None, comps: Mapping[str, list]) -> tuple[dict, dict]:
-    """(computation -> executions per step, while body -> its trip count)."""
+def _resolve(defs: Mapping[str, _Instr], name: str) -> tuple[str, int] | None:
+    """What a scalar loop value is, through copies and converts: ("const", value) or
+    ("param", tuple index of the computation's parameter)."""
+    for _ in range(16):
+        ins = defs.get(name)
+        if ins is None:
+            return None
+        if ins.op == "constant":
+            m = re.match(r"\s*(-?\d+)\)", ins.rest)
+            return ("const", int(m.group(1))) if m else None
+        if ins.op == "get-tuple-element":
+            src, idx = _operands(ins.rest), re.search(r"\bindex=(\d+)", ins.rest)
+            if src and idx and defs.get(src[0]) is not None and defs[src[0]].op == "parameter":
+                return ("param", int(idx.group(1)))
+            return None
+        if ins.op not in ("copy", "convert", "bitcast") or not _operands(ins.rest):
+            return None
+        name = _operands(ins.rest)[0]
+    return None
+
+
+def _trip_count(
+    cond: list[_Instr], body: list[_Instr], init: _Instr | None, caller: Mapping[str, _Instr]
+) -> int | None:
+    """Iterations of a while loop from its induction variable: the condition compares one
+    element of the loop state with a constant, the body adds a constant to that element, and the
+    loop's initial tuple sets it to a constant. Scans count 0, 1, .., N-1; XLA's windowed einsum
+    loops (`windowed_dot_general_body_*`) may count 0, 2, 4, .. when the compiler unrolls them
+    (two windows per iteration), so `counter < 8` can mean 4 iterations. None when the loop is
+    not of that form."""
+    cdefs = {i.name: i for i in cond}
+    croot = next((i for i in cond if i.root), None)
+    if croot is None or croot.op != "compare":
+        return None
+    direction = re.search(r"direction=([A-Z]+)", croot.rest)
+    ops = _operands(croot.rest)
+    if direction is None or len(ops) != 2:
+        return None
+    a, b = (_resolve(cdefs, o) for o in ops)
+    d = direction.group(1)
+    if a and b and a[0] == "const" and b[0] == "param":  # `N > i` is `i < N`
+        a, b, d = b, a, {"LT": "GT", "LE": "GE", "GT": "LT", "GE": "LE"}.get(d, d)
+    if not (a and b and a[0] == "param" and b[0] == "const"):
+        return None
+    index, limit = a[1], b[1]
+    bdefs = {i.name: i for i in body}
+    broot = next((i for i in body if i.root), None)
+    if broot is None or broot.op != "tuple" or len(_operands(broot.rest)) <= index:
+        return None
+    upd = bdefs.get(_operands(broot.rest)[index])
+    while upd is not None and upd.op in ("copy", "convert", "bitcast"):
+        upd = bdefs.get(_operands(upd.rest)[0])
+    if upd is None or upd.op not in ("add", "subtract") or len(_operands(upd.rest)) != 2:
+        return None
+    x, c = (_resolve(bdefs, o) for o in _operands(upd.rest))
+    if upd.op == "add" and x and x[0] == "const":
+        x, c = c, x
+    if x != ("param", index) or not c or c[0] != "const" or c[1] == 0:
+        return None
+    step = c[1] if upd.op == "add" else -c[1]
+    if init is None or init.op != "tuple" or len(_operands(init.rest)) <= index:
+        return None
+    start = _resolve(caller, _operands(init.rest)[index])
+    if not start or start[0] != "const":
+        return None
+    span = {"LT": limit - start[1], "LE": limit - start[1] + 1, "NE": limit - start[1]}.get(d)
+    if span is not None and step > 0 and (d != "NE" or span % step == 0):
+        return max(0, -(-span // step))
+    span = {"GT": start[1] - limit, "GE": start[1] - limit + 1, "NE": start[1] - limit}.get(d)
+    if span is not None and step < 0 and (d != "NE" or span % -step == 0):
+        return max(0, -(-span // -step))
+    return None
+
+
+def _multiplicities(entry: str | None, comps: Mapping[str, list[_Instr]]) -> tuple[dict, dict]:
+    """(computation -> executions per step, while body -> its trip count, None where the loop
+    is not a counted one: then taken as 1)."""
     mult: dict[str, int] = {}
-    trips: dict[str, int] = {}
+    trips: dict[str, int | None] = {}
+    defs = {name: {i.name: i for i in instrs} for name, instrs in comps.items()}
 
     def visit(name: str, k: int) -> None:
         mult[name] = mult.get(name, 0) + k
-        for op, _, rest in comps.get(name, ()):
-            called = dict(_CALLEES.findall(rest))
+        for ins in comps.get(name, ()):
+            called = dict(_CALLEES.findall(ins.rest))
             trip = 1
-            if op == "while" and "body" in called:
-                trip = _trip_count(comps.get(called.get("condition", ""), []))
-                trips[called["body"]] = trip
+            if ins.op == "while" and "body" in called:
+                args = _operands(ins.rest)
+                init = defs[name].get(args[0]) if args else None
+                n = _trip_count(
+                    comps.get(called.get("condition", ""), []), comps.get(called["body"], []),
+                    init, defs[name],
+                )  # fmt: skip
+                trips[called["body"]] = n
+                trip = 1 if n is None else n
             for role, callee in called.items():
                 visit(callee, k * trip if role == "body" else k)
-            for group in _BRANCHES.findall(rest):
+            for group in _BRANCHES.findall(ins.rest):
                 for callee in group.split(","):
                     visit(callee.strip().lstrip("%"), k)
 
@@ -417,7 +504,7 @@ def collectives(hlo: str, slice_of: list[int] | None = None) -> dict[str, dict[s
     starts = dict(re.findall(r"^\s*%?([\w.\-]+)\s*=.*?-start\((.*)$", hlo, flags=re.M))
     for name, instrs in comps.items():
         k = mult.get(name, 0)
-        for op, shape, rest in instrs:
+        for op, shape, rest, *_ in instrs:
             if op == "send" and slice_of is not None:
                 # A multi-slice program: XLA's TPU compiler turns the part of a collective that
                 # crosses slices into host-transfer sends over DCN, each naming the collective
@@ -464,7 +551,7 @@ def all_gathers(hlo: str) -> list[dict[str, Any]]:
     starts = dict(re.findall(r"^\s*%?([\w.\-]+)\s*=.*?-start\((.*)$", hlo, flags=re.M))
     out = []
     for name, instrs in comps.items():
-        for op, shape, rest in instrs:
+        for op, shape, rest, *_ in instrs:
             if op not in ("all-gather", "all-gather-done"):
                 continue
             text = rest
@@ -493,32 +580,39 @@ def _hlo_flops(text: str) -> float:
     return float(xla_client._xla.hlo_module_cost_analysis(cpu, module).get("flops", 0.0))
 
 
+def _module_text(hlo: str, spans: Mapping[str, tuple[int, int]], entry: str) -> str:
+    """The optimized program's text with `entry` as its entry computation (for XLA's cost
+    analysis of one computation and what it calls)."""
+    lines = hlo.splitlines()
+    header = lines[0].split(",")[0]  # keep `HloModule name`: the rest describes the old entry
+    text = [header]
+    for name, (a, b) in spans.items():
+        chunk = lines[a : b + 1]
+        first = re.sub(r"^ENTRY\s+", "", chunk[0])
+        if name == entry:
+            first = "ENTRY " + first
+        text.extend([first, *chunk[1:]])
+    # Stack frames live in a table after the header, which is not copied.
+    return re.sub(r"\s*stack_frame_id=\d+", "", "\n".join(text))
+
+
 def flops_per_step(hlo: str, whole: float) -> float:
     """XLA's FLOPs of one execution of the optimized program.
 
     `cost_analysis` counts a while loop's body once, whatever its trip count (the block scan runs
     it `depth` times). Each body is analysed alone (XLA's own HloCostAnalysis, on the body as the
-    entry of a module) and added (trip count - 1) more times. Bodies are assumed not to nest."""
+    entry of a module, which counts the loops nested in it once) and added as many more times as
+    it runs beyond the once already counted: (trip count - 1) times per execution of the
+    computation that holds the loop. The trip count comes from the loop's induction variable
+    (`_trip_count`), not from the condition's constant alone: XLA's windowed einsum loops count in
+    steps of 2."""
     entry, comps, spans = _parse_hlo(hlo)
     mult, trips = _multiplicities(entry, comps)
-    lines = hlo.splitlines()
-    header = re.sub(r",\s*entry_computation_layout=\{.*\}\s*$", "", lines[0])
-    header = header.split(",")[0]  # keep `HloModule name`: the rest describes the old entry
     total = whole
     for body, trip in trips.items():
-        extra = mult.get(body, 0) - mult.get(body, 0) // trip if trip > 1 else 0
-        if not extra:
-            continue
-        text = [header]
-        for name, (a, b) in spans.items():
-            chunk = lines[a : b + 1]
-            first = re.sub(r"^ENTRY\s+", "", chunk[0])
-            if name == body:
-                first = "ENTRY " + first
-            text.extend([first, *chunk[1:]])
-        # Stack frames live in a table after the computations, which is not copied.
-        body_text = re.sub(r"\s*stack_frame_id=\d+", "", "\n".join(text))
-        total += extra * _hlo_flops(body_text)
+        extra = mult.get(body, 0) - mult.get(body, 0) // trip if trip and trip > 1 else 0
+        if extra:
+            total += extra * _hlo_flops(_module_text(hlo, spans, body))
     return total
 
 
