@@ -158,6 +158,7 @@ def test_windowed_einsum_loops_counted_per_trip(libtpu):
     # measured: 1.0035 (the loop's index arithmetic and the output's dynamic-update-slices);
     # with 8 trips it was 2.0
     assert ct.flops_per_step(hlo, c.cost_analysis()["flops"]) == pytest.approx(matmul, rel=0.01)
+    assert ct.matmul_flops_per_step(hlo) == pytest.approx(matmul, rel=1e-6)
 
 
 def test_smoke_compiles_through_the_trainer_path(smoke):
@@ -207,13 +208,17 @@ def smoke_no_drop_path(libtpu):
 
 
 def test_smoke_flops_match_the_analytic_count(smoke_no_drop_path):
-    # measured: XLA / analytic = 1.029 without drop path. XLA counts every op (softmax, norms,
-    # losses) but skips the input gradient of the patch embedding (the images need none), which
-    # the analytic 3 x forward includes. A replicated or repeated computation would be >= 2x.
+    """XLA's matmuls match the analytic count of what the step executes; all its FLOPs exceed it
+    by the elementwise work (softmax, norms, activations, losses, optimizer), which the analytic
+    count (matmuls only) leaves out. A replicated or repeated computation would be >= 2x."""
     r = smoke_no_drop_path
-    ratio = r["xla_flops_per_chip"] / r["analytic_flops_per_chip"]
-    assert r["analytic_executed_flops_per_chip"] == r["analytic_flops_per_chip"]
-    assert 1.0 < ratio < 1.05, ratio
+    # measured: matmuls / executed 1.0033, all / executed 1.1165, all / nominal 1.0288 (the
+    # nominal count has the patch embedding's input gradient, 8% of this tiny model's matmuls,
+    # which the step does not compute: the images need none)
+    matmuls = r["xla_matmul_flops_per_chip"] / r["analytic_executed_flops_per_chip"]
+    assert 0.995 < matmuls < 1.01, matmuls
+    ratio = r["xla_flops_per_chip"] / r["analytic_executed_flops_per_chip"]
+    assert 1.0 < ratio < 1.15, ratio
 
 
 def test_smoke_flops_match_what_batch_subset_drop_path_executes(smoke):
@@ -222,10 +227,10 @@ def test_smoke_flops_match_what_batch_subset_drop_path_executes(smoke):
     discount and the count of what the step executes does."""
     r = smoke
     assert r["drop_groups"] == 4
-    # measured: XLA / executed 1.011, XLA / nominal 0.807
-    executed = r["xla_flops_per_chip"] / r["analytic_executed_flops_per_chip"]
-    assert 1.0 < executed < 1.05, executed
-    assert r["xla_flops_per_chip"] / r["analytic_flops_per_chip"] < 0.85
+    # measured: XLA's matmuls / executed 1.0041; / nominal 0.723
+    matmuls = r["xla_matmul_flops_per_chip"] / r["analytic_executed_flops_per_chip"]
+    assert 0.995 < matmuls < 1.01, matmuls
+    assert r["xla_matmul_flops_per_chip"] / r["analytic_flops_per_chip"] < 0.8
 
 
 def test_batch_subset_drop_path_stays_inside_the_batch_shards(smoke, smoke_no_drop_path):

@@ -637,9 +637,10 @@ def test_flops_per_step_counts_the_recipe():
 
 
 def test_flops_per_step_counts_what_the_step_executes():
-    """`drop_groups`: the student's blocks on the batch subset the batch-subset drop path keeps
-    in each group (`_drop_add_residual`, rate 0.3 > 0.1); `remat`: the student's blocks once more
-    (full remat's recompute). The nominal count (the MFU numerator) is unchanged."""
+    """`executed=True`: the student's blocks on the batch subset the batch-subset drop path keeps
+    in each of `drop_groups` groups (`_drop_add_residual`, rate 0.3 > 0.1), no input gradient of
+    the patch embedding; `remat`: the student's blocks once more (full remat's recompute). The
+    nominal count (the MFU numerator) is unchanged."""
     from dinojax.models.vit import _drop_add_residual
 
     c = base_config()  # ViT-L/16, 2 x 224 + 8 x 96 crops, batch 2048, drop path 0.3 uniform
@@ -664,21 +665,24 @@ def test_flops_per_step_counts_what_the_step_executes():
     assert (g_share, l_share) == (44 / 64, 179 / 256)  # int(0.7 * 64), int(0.7 * 256) per group
     nominal = flops_per_step(c)
     skipped = 2 * b * blocks(196) * (1 - g_share) + 8 * b * blocks(36) * (1 - l_share)
-    executed = flops_per_step(c, drop_groups=groups)
-    assert executed == pytest.approx(nominal - 3 * skipped, rel=1e-12)
+    patch_input_grad = 2 * b * 2 * 196 * 3 * 16 * 16 * d + 8 * b * 2 * 36 * 3 * 16 * 16 * d
+    executed = flops_per_step(c, executed=True, drop_groups=groups)
+    assert executed == pytest.approx(nominal - 3 * skipped - patch_input_grad, rel=1e-12)
     recompute = 2 * b * blocks(196) * g_share + 8 * b * blocks(36) * l_share
-    assert flops_per_step(c, drop_groups=groups, remat=True) == pytest.approx(
+    assert flops_per_step(c, executed=True, drop_groups=groups, remat=True) == pytest.approx(
         executed + recompute, rel=1e-12
     )
     # the attention matmuls alone, likewise (what a Pallas kernel is credited with)
     att = lambda n: depth * 4 * (n + 1) ** 2 * d  # noqa: E731
     student = 2 * b * att(196) * g_share + 8 * b * att(36) * l_share
-    assert attention_flops_per_step(c, drop_groups=groups, remat=True) == pytest.approx(
-        4 * student + 2 * b * att(196), rel=1e-12
-    )
+    got = attention_flops_per_step(c, executed=True, drop_groups=groups, remat=True)
+    assert got == pytest.approx(4 * student + 2 * b * att(196), rel=1e-12)
     # per-sample drop path (rate <= 0.1) runs every block on the whole batch
     c.model.overrides.drop_path_rate = 0.1
-    assert flops_per_step(c, drop_groups=groups) == flops_per_step(c)
+    executed = flops_per_step(c, executed=True, drop_groups=groups)
+    assert executed == pytest.approx(flops_per_step(c) - patch_input_grad, rel=1e-12)
+    with pytest.raises(ValueError, match="executed=True"):
+        flops_per_step(c, drop_groups=groups)
 
 
 def test_setup_is_parsed_once_and_tied_to_its_config():
