@@ -898,6 +898,44 @@ def sweep(
     return best
 
 
+def analytic_counts(rec: Mapping[str, Any]) -> dict[str, float]:
+    """The analytic counts of a recorded compile (`config`, `config_overrides`, `mesh`,
+    `devices`, `mask_buffer`, `remat_policy`), recomputed with today's `flops_per_step`:
+    `analytic_flops_per_chip` (nominal) and `analytic_executed_flops_per_chip`."""
+    import importlib.util
+    import types
+
+    from dinojax.ssl import step as ssl_step
+    from dinojax.train.trainer import resolve_durations
+
+    path, _, arg = str(rec["config"]).partition(":")
+    spec = importlib.util.spec_from_file_location("recorded_config", REPO / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg or None)
+    for key, value in (rec.get("config_overrides") or {}).items():
+        *parents, leaf = key.split(".")
+        node = config
+        for k in parents:
+            node = node[k]
+        node[leaf] = value
+    # a sweep sets these itself (not among the flags' overrides)
+    config.batch_size = int(rec["global_batch"])
+    config.model.overrides.remat_policy = rec["remat_policy"]
+    config = resolve_durations(config)
+    mesh = types.SimpleNamespace(shape=dict(rec["mesh"]), axis_names=tuple(rec["mesh"]))
+    groups = ssl_step.n_batch_shards(config, mesh)
+    n = rec["devices"]
+    executed = ssl_step.flops_per_step(
+        config, rec.get("mask_buffer") or None, executed=True, drop_groups=groups,
+        remat=rec["remat_policy"] == "full",
+    )  # fmt: skip
+    return {
+        "analytic_flops_per_chip": ssl_step.flops_per_step(config) / n,
+        "analytic_executed_flops_per_chip": executed / n,
+    }
+
+
 def main(argv: list[str]) -> None:
     del argv
     from absl import flags
@@ -914,6 +952,23 @@ def main(argv: list[str]) -> None:
         with out.open("a") as f:
             f.write(json.dumps(rec) + "\n")
 
+    if _RECOUNT.value:
+        # the analytic counts of every recorded compile, recomputed (no compile)
+        for line in Path(_OUT.value).read_text().splitlines():
+            rec = json.loads(line)
+            if not rec.get("config"):
+                continue
+            counts = analytic_counts(rec)
+            xla = rec.get("xla_flops_per_chip")
+            ratio = f"x{xla / counts['analytic_executed_flops_per_chip']:.3f}" if xla else "-"
+            print(
+                f"{rec['time']} {rec['arch']} {_where(rec)} batch {rec['global_batch']} remat "
+                f"{rec['remat_policy']} {rec['attention']}: XLA "
+                f"{(xla or 0) / 1e12:.2f} TFLOP per chip, analytic "
+                f"{counts['analytic_flops_per_chip'] / 1e12:.2f} nominal, "
+                f"{counts['analytic_executed_flops_per_chip'] / 1e12:.2f} executed ({ratio})"
+            )
+        return
     config = _CONFIG.value
     try:
         if _SWEEP.value:
@@ -956,4 +1011,7 @@ if __name__ == "__main__":
     )
     _POLICIES = flags.DEFINE_string("sweep_policies", "none,full", "remat policies to sweep")
     _MAX_PER_CHIP = flags.DEFINE_integer("sweep_max_per_chip", 128, "largest per-chip batch tried")
+    _RECOUNT = flags.DEFINE_bool(
+        "recount", False, "print the analytic counts of every compile recorded in --out, recomputed"
+    )
     app.run(main)

@@ -233,6 +233,15 @@ def test_smoke_flops_match_what_batch_subset_drop_path_executes(smoke):
     assert r["xla_matmul_flops_per_chip"] / r["analytic_flops_per_chip"] < 0.8
 
 
+def test_recount_from_the_record(smoke):
+    """`--recount`: the analytic counts of a recorded compile, recomputed from its config, mesh
+    and buffer, are the ones the compile recorded."""
+    rec = dict(ct.public(smoke), config="configs/dinov2.py:smoke", config_overrides=None)
+    counts = ct.analytic_counts(rec)
+    for key, value in counts.items():
+        assert value == pytest.approx(smoke[key], rel=1e-12), key
+
+
 def test_batch_subset_drop_path_stays_inside_the_batch_shards(smoke, smoke_no_drop_path):
     """The smoke recipe's drop path 0.3 takes the batch-subset path (v2, rate > 0.1). Drawn in
     each per-device batch (as each official GPU draws from its own), it adds no collective: the

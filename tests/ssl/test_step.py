@@ -657,8 +657,10 @@ def test_flops_per_step_counts_what_the_step_executes():
             rows.append(y.shape[0])
             return y
 
-        x = jnp.zeros((batch, 1, 1))
-        _drop_add_residual(x, branch, 0.3, jax.random.key(0), True, groups)
+        x = jax.ShapeDtypeStruct((batch, 1, 1), jnp.float32)  # traced for its shapes only
+        jax.eval_shape(
+            lambda y: _drop_add_residual(y, branch, 0.3, jax.random.key(0), True, groups), x
+        )
         return rows[0] / batch
 
     g_share, l_share = kept(2 * b), kept(8 * b)
