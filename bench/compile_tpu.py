@@ -727,6 +727,10 @@ def compile_for_slice(config, slice_name: str, num_slices: int = 1) -> dict[str,
             "peak_bytes_per_chip": peak,
             "xla_flops_per_chip": flops_per_step(hlo, flops_once),
             "xla_matmul_flops_per_chip": matmul_flops_per_step(hlo),
+            # loops whose trip count could not be read (counted once): none expected
+            "xla_loops_uncounted": [
+                b for b, n in _multiplicities(*_parse_hlo(hlo)[:2])[1].items() if n is None
+            ],  # fmt: skip
             "xla_flops_loop_bodies_once": flops_once,
             "args_bytes_tiled": tiled_bytes_per_chip((state, batch), compiled.input_formats[0]),
             "collectives": collectives(hlo, slice_of if num_slices > 1 else None),
@@ -740,7 +744,7 @@ def compile_for_slice(config, slice_name: str, num_slices: int = 1) -> dict[str,
             "temp_bytes": oom_bytes, "generated_code_bytes": None, "peak_bytes_per_chip": peak,
             "args_bytes_tiled": None,
             "peak_is_estimate": True, "xla_flops_per_chip": None, "xla_matmul_flops_per_chip": None,
-            "xla_flops_loop_bodies_once": None, "collectives": None,
+            "xla_flops_loop_bodies_once": None, "collectives": None, "xla_loops_uncounted": None,
         }  # fmt: skip
     ov = config.model.overrides
     b = int(config.batch_size)

@@ -217,6 +217,7 @@ def test_smoke_flops_match_the_analytic_count(smoke_no_drop_path):
     # which the step does not compute: the images need none)
     matmuls = r["xla_matmul_flops_per_chip"] / r["analytic_executed_flops_per_chip"]
     assert 0.995 < matmuls < 1.01, matmuls
+    assert r["xla_loops_uncounted"] == []  # every loop's trip count read
     ratio = r["xla_flops_per_chip"] / r["analytic_executed_flops_per_chip"]
     assert 1.0 < ratio < 1.15, ratio
 
