@@ -12,8 +12,11 @@ The step is the trainer's own (`dinojax.train.trainer`: `make_mesh` over the sli
 (`jax.eval_shape`: nothing is materialised) and the batch the input pipeline would hand it (the
 recipe's global batch, crop sizes and masked-token buffer). Prints one line and appends one JSON
 line to bench/results/compile_tpu.jsonl: per-chip memory from `compiled.memory_analysis()` against
-the chip's HBM, XLA's per-chip FLOPs against `dinojax.ssl.step.flops_per_step`, and the
-collectives of the optimized HLO per step. A recipe that does not fit exits with status 2.
+the chip's HBM, XLA's per-chip FLOPs against `dinojax.ssl.step.flops_per_step` (the trainer's
+nominal MFU numerator, `analytic_flops_per_chip`, and the count of what this step executes,
+`analytic_executed_flops_per_chip`: batch-subset drop path, full remat's recompute; XLA's
+matmuls alone are `xla_matmul_flops_per_chip`), and the collectives of the optimized HLO per
+step. A recipe that does not fit exits with status 2.
 `--sweep` finds, per remat policy (`--sweep_policies`), the largest power-of-two per-chip batch
 that fits, by bisection (each compile recorded).
 
@@ -40,7 +43,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # TPU is a compile target only; runtime stays CPU
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # silences a libtpu start-up error
@@ -250,7 +253,7 @@ _DTYPE_BYTES = {
 }  # fmt: skip
 _ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
 _COMP_HEAD = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+([a-z][a-z\-]*)\((.*)$")
+_INSTR = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([a-z][a-z\-]*)\((.*)$")
 _CALLEES = re.compile(
     r"\b(body|condition|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)"
 )
@@ -269,10 +272,18 @@ def _shape_bytes(shape: str) -> int:
     return total
 
 
-def _parse_hlo(hlo: str) -> tuple[str | None, dict[str, list[tuple[str, str, str]]], dict]:
-    """(entry name, computation -> [(opcode, result shape, rest of line)], computation ->
-    (first line, last line) of its text)."""
-    comps: dict[str, list[tuple[str, str, str]]] = {}
+class _Instr(NamedTuple):
+    op: str  # opcode
+    shape: str  # result shape
+    rest: str  # the line after `opcode(`: operands, then attributes
+    name: str
+    root: bool
+
+
+def _parse_hlo(hlo: str) -> tuple[str | None, dict[str, list[_Instr]], dict]:
+    """(entry name, computation -> its instructions, computation -> (first line, last line) of
+    its text)."""
+    comps: dict[str, list[_Instr]] = {}
     spans: dict[str, tuple[int, int]] = {}
     entry, current, start = None, None, 0
     for i, line in enumerate(hlo.splitlines()):
@@ -290,34 +301,113 @@ def _parse_hlo(hlo: str) -> tuple[str | None, dict[str, list[tuple[str, str, str
             continue
         m = _INSTR.match(line)
         if m:
-            comps[current].append((m.group(2), m.group(1), m.group(3)))
+            root, name, shape, op, rest = m.groups()
+            comps[current].append(_Instr(op, shape, rest, name, bool(root)))
     return entry, comps, spans
 
 
-def _trip_count(cond: list[tuple[str, str, str]]) -> int:
-    # A scan's loop condition: `counter < N`, the counter starting at 0.
-    consts = [int(c) for op, _, rest in cond if op == "constant"
-              for c in re.findall(r"^(\d+)\)", rest)]  # fmt: skip
-    lt = any(op == "compare" and "direction=LT" in rest for op, _, rest in cond)
-    return consts[0] if lt and len(consts) == 1 else 1
+def _operands(rest: str) -> list[str]:
+    return re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
 
 
-def _multiplicities(entry: str | None, comps: Mapping[str, list]) -> tuple[dict, dict]:
-    """(computation -> executions per step, while body -> its trip count)."""
+def _resolve(defs: Mapping[str, _Instr], name: str) -> tuple[str, int] | None:
+    """What a scalar loop value is, through copies and converts: ("const", value) or
+    ("param", tuple index of the computation's parameter)."""
+    for _ in range(16):
+        ins = defs.get(name)
+        if ins is None:
+            return None
+        if ins.op == "constant":
+            m = re.match(r"\s*(-?\d+)\)", ins.rest)
+            return ("const", int(m.group(1))) if m else None
+        if ins.op == "get-tuple-element":
+            src, idx = _operands(ins.rest), re.search(r"\bindex=(\d+)", ins.rest)
+            if src and idx and defs.get(src[0]) is not None and defs[src[0]].op == "parameter":
+                return ("param", int(idx.group(1)))
+            return None
+        if ins.op not in ("copy", "convert", "bitcast") or not _operands(ins.rest):
+            return None
+        name = _operands(ins.rest)[0]
+    return None
+
+
+def _trip_count(
+    cond: list[_Instr], body: list[_Instr], init: _Instr | None, caller: Mapping[str, _Instr]
+) -> int | None:
+    """Iterations of a while loop from its induction variable: the condition compares one
+    element of the loop state with a constant, the body adds a constant to that element, and the
+    loop's initial tuple sets it to a constant. Scans count 0, 1, .., N-1; XLA's windowed einsum
+    loops (`windowed_dot_general_body_*`) may count 0, 2, 4, .. when the compiler unrolls them
+    (two windows per iteration), so `counter < 8` can mean 4 iterations. None when the loop is
+    not of that form."""
+    cdefs = {i.name: i for i in cond}
+    croot = next((i for i in cond if i.root), None)
+    if croot is None or croot.op != "compare":
+        return None
+    direction = re.search(r"direction=([A-Z]+)", croot.rest)
+    ops = _operands(croot.rest)
+    if direction is None or len(ops) != 2:
+        return None
+    a, b = (_resolve(cdefs, o) for o in ops)
+    d = direction.group(1)
+    if a and b and a[0] == "const" and b[0] == "param":  # `N > i` is `i < N`
+        a, b, d = b, a, {"LT": "GT", "LE": "GE", "GT": "LT", "GE": "LE"}.get(d, d)
+    if not (a and b and a[0] == "param" and b[0] == "const"):
+        return None
+    index, limit = a[1], b[1]
+    bdefs = {i.name: i for i in body}
+    broot = next((i for i in body if i.root), None)
+    if broot is None or broot.op != "tuple" or len(_operands(broot.rest)) <= index:
+        return None
+    upd = bdefs.get(_operands(broot.rest)[index])
+    while upd is not None and upd.op in ("copy", "convert", "bitcast"):
+        upd = bdefs.get(_operands(upd.rest)[0])
+    if upd is None or upd.op not in ("add", "subtract") or len(_operands(upd.rest)) != 2:
+        return None
+    x, c = (_resolve(bdefs, o) for o in _operands(upd.rest))
+    if upd.op == "add" and x and x[0] == "const":
+        x, c = c, x
+    if x != ("param", index) or not c or c[0] != "const" or c[1] == 0:
+        return None
+    step = c[1] if upd.op == "add" else -c[1]
+    if init is None or init.op != "tuple" or len(_operands(init.rest)) <= index:
+        return None
+    start = _resolve(caller, _operands(init.rest)[index])
+    if not start or start[0] != "const":
+        return None
+    span = {"LT": limit - start[1], "LE": limit - start[1] + 1, "NE": limit - start[1]}.get(d)
+    if span is not None and step > 0 and (d != "NE" or span % step == 0):
+        return max(0, -(-span // step))
+    span = {"GT": start[1] - limit, "GE": start[1] - limit + 1, "NE": start[1] - limit}.get(d)
+    if span is not None and step < 0 and (d != "NE" or span % -step == 0):
+        return max(0, -(-span // -step))
+    return None
+
+
+def _multiplicities(entry: str | None, comps: Mapping[str, list[_Instr]]) -> tuple[dict, dict]:
+    """(computation -> executions per step, while body -> its trip count, None where the loop
+    is not a counted one: then taken as 1)."""
     mult: dict[str, int] = {}
-    trips: dict[str, int] = {}
+    trips: dict[str, int | None] = {}
+    defs = {name: {i.name: i for i in instrs} for name, instrs in comps.items()}
 
     def visit(name: str, k: int) -> None:
         mult[name] = mult.get(name, 0) + k
-        for op, _, rest in comps.get(name, ()):
-            called = dict(_CALLEES.findall(rest))
+        for ins in comps.get(name, ()):
+            called = dict(_CALLEES.findall(ins.rest))
             trip = 1
-            if op == "while" and "body" in called:
-                trip = _trip_count(comps.get(called.get("condition", ""), []))
-                trips[called["body"]] = trip
+            if ins.op == "while" and "body" in called:
+                args = _operands(ins.rest)
+                init = defs[name].get(args[0]) if args else None
+                n = _trip_count(
+                    comps.get(called.get("condition", ""), []), comps.get(called["body"], []),
+                    init, defs[name],
+                )  # fmt: skip
+                trips[called["body"]] = n
+                trip = 1 if n is None else n
             for role, callee in called.items():
                 visit(callee, k * trip if role == "body" else k)
-            for group in _BRANCHES.findall(rest):
+            for group in _BRANCHES.findall(ins.rest):
                 for callee in group.split(","):
                     visit(callee.strip().lstrip("%"), k)
 
@@ -417,7 +507,7 @@ def collectives(hlo: str, slice_of: list[int] | None = None) -> dict[str, dict[s
     starts = dict(re.findall(r"^\s*%?([\w.\-]+)\s*=.*?-start\((.*)$", hlo, flags=re.M))
     for name, instrs in comps.items():
         k = mult.get(name, 0)
-        for op, shape, rest in instrs:
+        for op, shape, rest, *_ in instrs:
             if op == "send" and slice_of is not None:
                 # A multi-slice program: XLA's TPU compiler turns the part of a collective that
                 # crosses slices into host-transfer sends over DCN, each naming the collective
@@ -464,7 +554,7 @@ def all_gathers(hlo: str) -> list[dict[str, Any]]:
     starts = dict(re.findall(r"^\s*%?([\w.\-]+)\s*=.*?-start\((.*)$", hlo, flags=re.M))
     out = []
     for name, instrs in comps.items():
-        for op, shape, rest in instrs:
+        for op, shape, rest, *_ in instrs:
             if op not in ("all-gather", "all-gather-done"):
                 continue
             text = rest
@@ -493,32 +583,78 @@ def _hlo_flops(text: str) -> float:
     return float(xla_client._xla.hlo_module_cost_analysis(cpu, module).get("flops", 0.0))
 
 
+def _module_text(hlo: str, spans: Mapping[str, tuple[int, int]], entry: str) -> str:
+    """The optimized program's text with `entry` as its entry computation (for XLA's cost
+    analysis of one computation and what it calls)."""
+    lines = hlo.splitlines()
+    header = lines[0].split(",")[0]  # keep `HloModule name`: the rest describes the old entry
+    text = [header]
+    for name, (a, b) in spans.items():
+        chunk = lines[a : b + 1]
+        first = re.sub(r"^ENTRY\s+", "", chunk[0])
+        if name == entry:
+            first = "ENTRY " + first
+        text.extend([first, *chunk[1:]])
+    # Stack frames live in a table after the header, which is not copied.
+    return re.sub(r"\s*stack_frame_id=\d+", "", "\n".join(text))
+
+
 def flops_per_step(hlo: str, whole: float) -> float:
     """XLA's FLOPs of one execution of the optimized program.
 
     `cost_analysis` counts a while loop's body once, whatever its trip count (the block scan runs
     it `depth` times). Each body is analysed alone (XLA's own HloCostAnalysis, on the body as the
-    entry of a module) and added (trip count - 1) more times. Bodies are assumed not to nest."""
+    entry of a module, which counts the loops nested in it once) and added as many more times as
+    it runs beyond the once already counted: (trip count - 1) times per execution of the
+    computation that holds the loop. The trip count comes from the loop's induction variable
+    (`_trip_count`), not from the condition's constant alone: XLA's windowed einsum loops count in
+    steps of 2."""
     entry, comps, spans = _parse_hlo(hlo)
     mult, trips = _multiplicities(entry, comps)
-    lines = hlo.splitlines()
-    header = re.sub(r",\s*entry_computation_layout=\{.*\}\s*$", "", lines[0])
-    header = header.split(",")[0]  # keep `HloModule name`: the rest describes the old entry
     total = whole
     for body, trip in trips.items():
-        extra = mult.get(body, 0) - mult.get(body, 0) // trip if trip > 1 else 0
-        if not extra:
+        extra = mult.get(body, 0) - mult.get(body, 0) // trip if trip and trip > 1 else 0
+        if extra:
+            total += extra * _hlo_flops(_module_text(hlo, spans, body))
+    return total
+
+
+_LAYOUT = re.compile(r"\{[^{}]*\}")
+
+
+def matmul_flops_per_step(hlo: str) -> float:
+    """XLA's FLOPs of the matmuls alone (every `dot` and `convolution`: XLA's TPU compiler writes
+    matmuls as convolutions), per execution of the optimized program: each one's HloCostAnalysis
+    FLOPs (analysed alone, on its operand shapes) times the executions of the computation that
+    holds it (loop trip counts as in `flops_per_step`). The analytic count counts matmuls only,
+    so this is its like-for-like figure; the rest of `flops_per_step` is elementwise work
+    (softmax, norms, activations, losses, the optimizer)."""
+    entry, comps, _ = _parse_hlo(hlo)
+    mult, _ = _multiplicities(entry, comps)
+    total = 0.0
+    for name, instrs in comps.items():
+        k = mult.get(name, 0)
+        if not k:
             continue
-        text = [header]
-        for name, (a, b) in spans.items():
-            chunk = lines[a : b + 1]
-            first = re.sub(r"^ENTRY\s+", "", chunk[0])
-            if name == body:
-                first = "ENTRY " + first
-            text.extend([first, *chunk[1:]])
-        # Stack frames live in a table after the computations, which is not copied.
-        body_text = re.sub(r"\s*stack_frame_id=\d+", "", "\n".join(text))
-        total += extra * _hlo_flops(body_text)
+        shapes = {i.name: i.shape for i in instrs}
+        for ins in instrs:
+            if ins.op not in ("dot", "convolution"):
+                continue
+            ops = _operands(ins.rest)
+            if len(ops) != 2 or any(o not in shapes for o in ops):
+                raise ValueError(f"cannot read the operands of {ins.name} in {name}")
+            args = [_LAYOUT.sub("", shapes[o]) for o in ops]
+            attrs = ins.rest.split(")", 1)[1]
+            attrs = re.sub(r",\s*(metadata|backend_config|frontend_attributes)=.*$", "", attrs)
+            text = "\n".join([
+                "HloModule matmul",
+                f"ENTRY %e (a: {args[0]}, b: {args[1]}) -> {_LAYOUT.sub('', ins.shape)} {{",
+                f"  %a = {args[0]} parameter(0)",
+                f"  %b = {args[1]} parameter(1)",
+                f"  ROOT %r = {_LAYOUT.sub('', ins.shape)} {ins.op}(%a, %b){attrs}",
+                "}",
+            ])  # fmt: skip
+            total += k * _hlo_flops(text)
     return total
 
 
@@ -590,6 +726,11 @@ def compile_for_slice(config, slice_name: str, num_slices: int = 1) -> dict[str,
             "footprint_bytes": footprint,
             "peak_bytes_per_chip": peak,
             "xla_flops_per_chip": flops_per_step(hlo, flops_once),
+            "xla_matmul_flops_per_chip": matmul_flops_per_step(hlo),
+            # loops whose trip count could not be read (counted once): none expected
+            "xla_loops_uncounted": [
+                b for b, n in _multiplicities(*_parse_hlo(hlo)[:2])[1].items() if n is None
+            ],  # fmt: skip
             "xla_flops_loop_bodies_once": flops_once,
             "args_bytes_tiled": tiled_bytes_per_chip((state, batch), compiled.input_formats[0]),
             "collectives": collectives(hlo, slice_of if num_slices > 1 else None),
@@ -602,23 +743,33 @@ def compile_for_slice(config, slice_name: str, num_slices: int = 1) -> dict[str,
             "argument_bytes": None, "output_bytes": None, "alias_bytes": None,
             "temp_bytes": oom_bytes, "generated_code_bytes": None, "peak_bytes_per_chip": peak,
             "args_bytes_tiled": None,
-            "peak_is_estimate": True, "xla_flops_per_chip": None,
-            "xla_flops_loop_bodies_once": None, "collectives": None,
+            "peak_is_estimate": True, "xla_flops_per_chip": None, "xla_matmul_flops_per_chip": None,
+            "xla_flops_loop_bodies_once": None, "collectives": None, "xla_loops_uncounted": None,
         }  # fmt: skip
     ov = config.model.overrides
     b = int(config.batch_size)
     # The attention the step was traced with (`auto` resolves on the slice's devices). A Pallas
     # kernel is invisible to `cost_analysis` (splash gives no cost estimate): its matmuls are
-    # added to the XLA figure analytically, as the trainer's count has them.
+    # added to the XLA figure analytically (what the step executes of them).
     from dinojax.models.attention import resolve
 
     with jax.set_mesh(mesh):
         attention = resolve(ov.get("attention", "xla"), ov.get("dtype", "float32"))
+    # What the step executes: the batch-subset drop path draws in the per-device groups, full
+    # remat recomputes the student's blocks in the backward pass, and the iBOT heads run on the
+    # whole masked-token buffer (the pipeline's per-group bounds, padded to split evenly over
+    # the shards: above the global bound the nominal count uses).
+    groups = ssl_step.n_batch_shards(config, mesh)
+    buffer = int(batch["mask_indices"].shape[0]) if "mask_indices" in batch else None
+    executed = dict(
+        setup=setup, executed=True, drop_groups=groups, remat=ov.get("remat_policy") == "full"
+    )
     kernel_flops = 0.0
     if attention == "splash":
-        kernel_flops = ssl_step.attention_flops_per_step(config, setup=setup) / n_dev
+        kernel_flops = ssl_step.attention_flops_per_step(config, **executed) / n_dev
         if memory["xla_flops_per_chip"] is not None:
             memory["xla_flops_per_chip"] += kernel_flops
+            memory["xla_matmul_flops_per_chip"] += kernel_flops
     rec: dict[str, Any] = {
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "topology": s.name,
@@ -642,11 +793,25 @@ def compile_for_slice(config, slice_name: str, num_slices: int = 1) -> dict[str,
         "compile_s": round(compile_s, 1),
         "state_bytes_per_chip": state_b,
         "batch_bytes_per_chip": batch_b,
-        **{k: v for k, v in memory.items() if k not in ("xla_flops_per_chip", "collectives")},
+        **{
+            k: v
+            for k, v in memory.items()
+            if k not in ("xla_flops_per_chip", "xla_matmul_flops_per_chip", "collectives")
+        },
         "hbm_bytes_per_chip": s.hbm_bytes,
         "fits": compiled is not None and peak <= s.hbm_bytes,
         "xla_flops_per_chip": memory["xla_flops_per_chip"],
+        "xla_matmul_flops_per_chip": memory["xla_matmul_flops_per_chip"],
+        # the trainer's MFU numerator (nominal: every block on the whole batch, no recompute),
+        # and the matmuls the step executes: the student's residual branches on the batch-subset
+        # drop path's subset, no input gradient of the patch embedding, and the block forward
+        # that full remat recomputes
         "analytic_flops_per_chip": float(ssl_step.flops_per_step(config, setup=setup)) / n_dev,
+        "analytic_executed_flops_per_chip": float(
+            ssl_step.flops_per_step(config, buffer, **executed)
+        )
+        / n_dev,
+        "drop_groups": groups,
         "collectives": memory["collectives"],
         "host": platform.node(),
     }
@@ -678,7 +843,8 @@ def summary(rec: Mapping[str, Any]) -> str:
             f"FIT: XLA needs {g(rec['temp_bytes'])} GiB of temporaries per chip, HBM "
             f"{g(rec['hbm_bytes_per_chip'])} GiB; {rec['compile_s']:.1f} s"
         )
-    ratio = rec["xla_flops_per_chip"] / rec["analytic_flops_per_chip"]
+    ratio = rec["xla_flops_per_chip"] / rec["analytic_executed_flops_per_chip"]
+    mm = rec["xla_matmul_flops_per_chip"] / rec["analytic_executed_flops_per_chip"]
     cross = ""
     if rec.get("num_slices", 1) > 1:
         cross = f"; across slices per step: {cross_slice_summary(rec)}"
@@ -689,7 +855,8 @@ def summary(rec: Mapping[str, Any]) -> str:
         f"{g(rec['peak_bytes_per_chip'])} / {g(rec['hbm_bytes_per_chip'])} GiB per chip "
         f"({'fits' if rec['fits'] else 'DOES NOT FIT'}; state {g(rec['state_bytes_per_chip'])}, "
         f"temp {g(rec['temp_bytes'])}), {rec['xla_flops_per_chip'] / 1e12:.2f} TFLOP per chip "
-        f"(analytic x{ratio:.3f}){cross}; compiled in {rec['compile_s']:.1f} s"
+        f"(x{ratio:.3f} the analytic count of what it executes, its matmuls x{mm:.3f}){cross}; "
+        f"compiled in {rec['compile_s']:.1f} s"
     )
 
 
@@ -735,6 +902,44 @@ def sweep(
     return best
 
 
+def analytic_counts(rec: Mapping[str, Any]) -> dict[str, float]:
+    """The analytic counts of a recorded compile (`config`, `config_overrides`, `mesh`,
+    `devices`, `mask_buffer`, `remat_policy`), recomputed with today's `flops_per_step`:
+    `analytic_flops_per_chip` (nominal) and `analytic_executed_flops_per_chip`."""
+    import importlib.util
+    import types
+
+    from dinojax.ssl import step as ssl_step
+    from dinojax.train.trainer import resolve_durations
+
+    path, _, arg = str(rec["config"]).partition(":")
+    spec = importlib.util.spec_from_file_location("recorded_config", REPO / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg or None)
+    for key, value in (rec.get("config_overrides") or {}).items():
+        *parents, leaf = key.split(".")
+        node = config
+        for k in parents:
+            node = node[k]
+        node[leaf] = value
+    # a sweep sets these itself (not among the flags' overrides)
+    config.batch_size = int(rec["global_batch"])
+    config.model.overrides.remat_policy = rec["remat_policy"]
+    config = resolve_durations(config)
+    mesh = types.SimpleNamespace(shape=dict(rec["mesh"]), axis_names=tuple(rec["mesh"]))
+    groups = ssl_step.n_batch_shards(config, mesh)
+    n = rec["devices"]
+    executed = ssl_step.flops_per_step(
+        config, rec.get("mask_buffer") or None, executed=True, drop_groups=groups,
+        remat=rec["remat_policy"] == "full",
+    )  # fmt: skip
+    return {
+        "analytic_flops_per_chip": ssl_step.flops_per_step(config) / n,
+        "analytic_executed_flops_per_chip": executed / n,
+    }
+
+
 def main(argv: list[str]) -> None:
     del argv
     from absl import flags
@@ -751,6 +956,23 @@ def main(argv: list[str]) -> None:
         with out.open("a") as f:
             f.write(json.dumps(rec) + "\n")
 
+    if _RECOUNT.value:
+        # the analytic counts of every recorded compile, recomputed (no compile)
+        for line in Path(_OUT.value).read_text().splitlines():
+            rec = json.loads(line)
+            if not rec.get("config"):
+                continue
+            counts = analytic_counts(rec)
+            xla = rec.get("xla_flops_per_chip")
+            ratio = f"x{xla / counts['analytic_executed_flops_per_chip']:.3f}" if xla else "-"
+            print(
+                f"{rec['time']} {rec['arch']} {_where(rec)} batch {rec['global_batch']} remat "
+                f"{rec['remat_policy']} {rec['attention']}: XLA "
+                f"{(xla or 0) / 1e12:.2f} TFLOP per chip, analytic "
+                f"{counts['analytic_flops_per_chip'] / 1e12:.2f} nominal, "
+                f"{counts['analytic_executed_flops_per_chip'] / 1e12:.2f} executed ({ratio})"
+            )
+        return
     config = _CONFIG.value
     try:
         if _SWEEP.value:
@@ -793,4 +1015,7 @@ if __name__ == "__main__":
     )
     _POLICIES = flags.DEFINE_string("sweep_policies", "none,full", "remat policies to sweep")
     _MAX_PER_CHIP = flags.DEFINE_integer("sweep_max_per_chip", 128, "largest per-chip batch tried")
+    _RECOUNT = flags.DEFINE_bool(
+        "recount", False, "print the analytic counts of every compile recorded in --out, recomputed"
+    )
     app.run(main)

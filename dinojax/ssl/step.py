@@ -579,24 +579,52 @@ def student_backbone(state: Mapping, config) -> DinoVisionTransformer:
     return _backbone(state, config, "student")
 
 
-def _vit_forward_flops(vit: ViTConfig, img: int) -> float:
+def _vit_forward_flops(vit: ViTConfig, img: int, block_share: float = 1.0) -> float:
     # Matmul FLOPs (2 per multiply-add), as MaxText's `calculate_tflops_training_per_device`
     # counts them: per block 24 N D^2 + 4 N^2 D (qkv 6, proj 2, MLP 16 N D^2; QK^T and AV
     # 4 N^2 D); SwiGLU replaces 16 N D^2 by 6 N D h'. Plus the patch embedding 2 n 3 p^2 D.
+    # `block_share`: the mean share of the images each block's residual branches run on.
     p, d = vit.patch_size, vit.embed_dim
     n_patch = (img // p) ** 2
     n = n_patch + 1 + vit.num_register_tokens
     mlp = 6 * n * d * vit.ffn_hidden_dim if vit.ffn_layer == "swiglu" else 16 * n * d * d
     block = 8 * n * d * d + mlp
-    return float(vit.depth * block + 2 * n_patch * 3 * p * p * d) + _attention_forward_flops(
-        vit, img
-    )
+    blocks = vit.depth * block + _attention_forward_flops(vit, img)
+    return float(block_share * blocks + 2 * n_patch * 3 * p * p * d)
 
 
 def _attention_forward_flops(vit: ViTConfig, img: int) -> float:
     # QK^T and AV of every block: 4 N^2 D per image (the attention term of `_vit_forward_flops`).
     n = (img // vit.patch_size) ** 2 + 1 + vit.num_register_tokens
     return float(vit.depth * 4 * n * n * vit.embed_dim)
+
+
+def _block_share(vit: ViTConfig, batch: int, drop_groups: int) -> float:
+    """Mean over the blocks of the share of a student batch of `batch` images that the
+    residual branches run on. Batch-subset stochastic depth (v2, rate > 0.1) runs both branches
+    of a block on `max(int(g * (1 - rate)), 1)` of each of `drop_groups` groups of g images
+    (`dinojax.models.vit._drop_add_residual`, the same arithmetic); per-sample drop path runs
+    them on the whole batch."""
+    from dinojax.models.vit import drop_path_rates
+
+    if batch <= 0 or vit.drop_path_rate <= 0 or vit.family != "dinov2":
+        return 1.0
+    g = batch // drop_groups if drop_groups > 1 else batch
+    shares = [
+        max(int(g * (1 - r)), 1) / g if isinstance(r, float) and r > 0.1 else 1.0
+        for r in drop_path_rates(vit)
+    ]
+    return sum(shares) / len(shares)
+
+
+def _executed_args(executed: bool, drop_groups: int, remat: bool) -> None:
+    if not executed and (drop_groups != 1 or remat):
+        raise ValueError(
+            f"drop_groups={drop_groups} / remat={remat} describe the executed count; "
+            "pass executed=True (the nominal count runs every block on the whole batch)"
+        )
+    if drop_groups < 1:
+        raise ValueError(f"drop_groups must be >= 1, got {drop_groups}")
 
 
 def _head_flops(config, d: int, ibot: bool) -> float:
@@ -614,22 +642,49 @@ def _head_flops(config, d: int, ibot: bool) -> float:
 
 
 def flops_per_step(
-    config, mask_upper_bound: int | None = None, *, setup: StepSetup | None = None
+    config,
+    mask_upper_bound: int | None = None,
+    *,
+    setup: StepSetup | None = None,
+    executed: bool = False,
+    drop_groups: int = 1,
+    remat: bool = False,
 ) -> float:
     """Analytic training FLOPs of one step on the global batch (MaxText-style MFU accounting).
 
     Student = 3x forward (forward + backward) over 2B global + n_local*B local crops and their
     heads (CLS tokens, masked patch tokens at the static buffer size); teacher = 1x forward over
     the 2B global crops and its heads. Attention softmax, norms and losses are not counted.
+
+    Nominal by default: the trainer's MFU numerator, the model as defined (every student block
+    on the whole batch), independent of the mesh and the remat policy. `executed=True` counts the
+    matmuls the step actually runs, to check the compiler's count against: batch-subset
+    stochastic depth (v2 recipes with `drop_path_rate` > 0.1) runs the student's residual
+    branches, forward and backward, on a subset of each of the step's `drop_groups` per-device
+    groups (`n_batch_shards`; 60% for a rate of 0.4); the patch embedding has no input gradient
+    (the images need none); with `remat`, the student's blocks run forward once more in the
+    backward pass (`remat_policy="full"`; the other policies recompute part of it, which is not
+    modelled).
     """
+    _executed_args(executed, drop_groups, remat)
     setup = _setup_for(config, setup)
     vit = setup.vit
     b = int(config.batch_size)
     nl = int(config.data.local_crops_number)
     g_size, l_size = int(config.data.global_crops_size), int(config.data.local_crops_size)
-    backbone_fwd = 2 * b * _vit_forward_flops(vit, g_size) + nl * b * _vit_forward_flops(
-        vit, l_size
+    g_share, l_share = (_block_share(vit, n * b, drop_groups) if executed else 1.0 for n in (2, nl))
+    student_bb = 2 * b * _vit_forward_flops(vit, g_size, g_share) + nl * b * _vit_forward_flops(
+        vit, l_size, l_share
     )
+    # the patch embedding alone (blocks on no image)
+    patch = 2 * b * _vit_forward_flops(vit, g_size, 0.0) + nl * b * _vit_forward_flops(
+        vit, l_size, 0.0
+    )
+    extra = 0.0
+    if executed:
+        extra -= patch  # no input gradient
+        if remat:  # the blocks only: the patch embedding and the heads are not checkpointed
+            extra += student_bb - patch
     teacher_bb = 2 * b * _vit_forward_flops(vit, g_size)
     dino_head = _head_flops(config, vit.embed_dim, ibot=False)
     if setup.do_ibot and mask_upper_bound is None:
@@ -642,21 +697,33 @@ def flops_per_step(
     ibot_head = _head_flops(config, vit.embed_dim, ibot=setup.separate_ibot_head)
     student_heads = (2 * b + nl * b) * dino_head + u * ibot_head
     teacher_heads = 2 * b * dino_head + u * ibot_head
-    return float(3 * (backbone_fwd + student_heads) + teacher_bb + teacher_heads)
+    return float(3 * (student_bb + student_heads) + extra + teacher_bb + teacher_heads)
 
 
-def attention_flops_per_step(config, *, setup: StepSetup | None = None) -> float:
+def attention_flops_per_step(
+    config,
+    *,
+    setup: StepSetup | None = None,
+    executed: bool = False,
+    drop_groups: int = 1,
+    remat: bool = False,
+) -> float:
     """The attention matmuls (QK^T, AV) inside `flops_per_step`: the share a Pallas kernel
     (`attention="splash"`) computes out of XLA's sight, as `cost_analysis` counts a Pallas call
     only through a cost estimate splash does not give. Same accounting: student 3x forward over
     the 2B global and n_local*B local crops, teacher 1x over the 2B global crops; the kernel's own
-    recomputation in its backward pass (and a remat policy's) is not counted."""
+    recomputation in its backward pass is not counted. `executed`, `drop_groups`, `remat`: as in
+    `flops_per_step` (the student's attention on the batch subset only; its forward once more,
+    recomputed under full remat)."""
+    _executed_args(executed, drop_groups, remat)
     setup = _setup_for(config, setup)
     vit = setup.vit
     b, nl = int(config.batch_size), int(config.data.local_crops_number)
     g = _attention_forward_flops(vit, int(config.data.global_crops_size))
     loc = _attention_forward_flops(vit, int(config.data.local_crops_size))
-    return float(3 * (2 * b * g + nl * b * loc) + 2 * b * g)
+    g_share, l_share = (_block_share(vit, n * b, drop_groups) if executed else 1.0 for n in (2, nl))
+    student = 2 * b * g * g_share + nl * b * loc * l_share
+    return float((4 if executed and remat else 3) * student + 2 * b * g)
 
 
 def state_summary(state: Mapping) -> dict[str, int]:

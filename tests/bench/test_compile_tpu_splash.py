@@ -52,11 +52,13 @@ def test_auto_compiles_the_splash_kernel_for_tpu(smoke_auto):
     # forward, a dq and a dkv kernel
     hlo = r["_compiled"].as_text()
     assert hlo.count('custom_call_target="tpu_custom_call"') == 7
+    # no drop path, no remat: the kernel runs what the nominal count has
     kernel = ssl_step.attention_flops_per_step(config) / r["devices"]
     assert r["attention_kernel_flops_per_chip"] == pytest.approx(kernel, rel=1e-12)
-    # measured: (XLA + kernel) / analytic = 1.038, against 1.036 for the same step with `xla`
-    # attention (tests/bench/test_compile_tpu.py). The attention matmuls are 2.5% of this step:
-    # a kernel left uncounted (1.013) or counted twice (1.063) falls outside.
-    ratio = r["xla_flops_per_chip"] / r["analytic_flops_per_chip"]
-    assert 1.03 < ratio < 1.045, ratio
+    # measured: XLA's matmuls + kernel against the analytic count of what the step executes
+    # x1.0012 (the same as this step with `xla` attention, tests/bench/test_compile_tpu.py).
+    # The attention matmuls are 2.7% of this step: a kernel left uncounted (x0.974) or counted
+    # twice (x1.029) falls outside.
+    ratio = r["xla_matmul_flops_per_chip"] / r["analytic_executed_flops_per_chip"]
+    assert 0.995 < ratio < 1.01, ratio
     assert r["fits"]

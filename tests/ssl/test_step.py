@@ -45,6 +45,7 @@ from dinojax.sharding import assert_sharded, batch_sharding, make_mesh
 from dinojax.ssl import optim
 from dinojax.ssl.step import (
     StepSetup,
+    attention_flops_per_step,
     create_train_state,
     flops_per_step,
     make_train_step,
@@ -642,6 +643,57 @@ def test_flops_per_step_counts_the_recipe():
     student = 2 * b * vit(196) + 8 * b * vit(36) + (2 * b + 8 * b) * head + u * ibot
     teacher = 2 * b * vit(196) + 2 * b * head + u * ibot
     assert flops_per_step(c) == pytest.approx(3 * student + teacher, rel=1e-12)
+
+
+def test_flops_per_step_counts_what_the_step_executes():
+    """`executed=True`: the student's blocks on the batch subset the batch-subset drop path keeps
+    in each of `drop_groups` groups (`_drop_add_residual`, rate 0.3 > 0.1), no input gradient of
+    the patch embedding; `remat`: the student's blocks once more (full remat's recompute). The
+    nominal count (the MFU numerator) is unchanged."""
+    from dinojax.models.vit import _drop_add_residual
+
+    c = base_config()  # ViT-L/16, 2 x 224 + 8 x 96 crops, batch 2048, drop path 0.3 uniform
+    b, d, depth, groups = 2048, 1024, 24, 64
+
+    def blocks(n_patch):  # per image forward of the blocks
+        n = n_patch + 1
+        return depth * (24 * n * d * d + 4 * n * n * d)
+
+    def kept(batch):  # images the residual branches run on, counted in the model itself
+        rows = []
+
+        def branch(y):
+            rows.append(y.shape[0])
+            return y
+
+        x = jax.ShapeDtypeStruct((batch, 1, 1), jnp.float32)  # traced for its shapes only
+        jax.eval_shape(
+            lambda y: _drop_add_residual(y, branch, 0.3, jax.random.key(0), True, groups), x
+        )
+        return rows[0] / batch
+
+    g_share, l_share = kept(2 * b), kept(8 * b)
+    assert (g_share, l_share) == (44 / 64, 179 / 256)  # int(0.7 * 64), int(0.7 * 256) per group
+    nominal = flops_per_step(c)
+    skipped = 2 * b * blocks(196) * (1 - g_share) + 8 * b * blocks(36) * (1 - l_share)
+    patch_input_grad = 2 * b * 2 * 196 * 3 * 16 * 16 * d + 8 * b * 2 * 36 * 3 * 16 * 16 * d
+    executed = flops_per_step(c, executed=True, drop_groups=groups)
+    assert executed == pytest.approx(nominal - 3 * skipped - patch_input_grad, rel=1e-12)
+    recompute = 2 * b * blocks(196) * g_share + 8 * b * blocks(36) * l_share
+    assert flops_per_step(c, executed=True, drop_groups=groups, remat=True) == pytest.approx(
+        executed + recompute, rel=1e-12
+    )
+    # the attention matmuls alone, likewise (what a Pallas kernel is credited with)
+    att = lambda n: depth * 4 * (n + 1) ** 2 * d  # noqa: E731
+    student = 2 * b * att(196) * g_share + 8 * b * att(36) * l_share
+    got = attention_flops_per_step(c, executed=True, drop_groups=groups, remat=True)
+    assert got == pytest.approx(4 * student + 2 * b * att(196), rel=1e-12)
+    # per-sample drop path (rate <= 0.1) runs every block on the whole batch
+    c.model.overrides.drop_path_rate = 0.1
+    executed = flops_per_step(c, executed=True, drop_groups=groups)
+    assert executed == pytest.approx(flops_per_step(c) - patch_input_grad, rel=1e-12)
+    with pytest.raises(ValueError, match="executed=True"):
+        flops_per_step(c, drop_groups=groups)
 
 
 def test_setup_is_parsed_once_and_tied_to_its_config():
