@@ -326,6 +326,9 @@ def block_forward(
     return with_logical_constraint(x, ("batch", None, None))
 
 
+# With `attention="splash"`, "attn_out" names the kernel's residuals (output and logsumexp), so
+# the qkv_attn policies keep what its backward reads; `full` and `dots` recompute the forward
+# kernel, as they recompute the `xla` path's (batched, hence unsaved by `dots`) einsums.
 _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
