@@ -59,7 +59,7 @@ def resolve(implementation: str, dtype=jnp.float32) -> str:
     return "xla"
 
 
-def _splash_kernel(n: int, n_pad: int, heads: int, interpret: bool):
+def _splash_kernel(n: int, n_pad: int, heads: int, interpret: bool, name: str | None):
     # Built inside the trace that uses it (its mask tables become constants of that trace); the
     # numpy mask analysis behind it is cached by the splash module itself.
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
@@ -74,9 +74,13 @@ def _splash_kernel(n: int, n_pad: int, heads: int, interpret: bool):
         block_q_dkv=SPLASH_BLOCK, block_kv_dkv=SPLASH_BLOCK, block_kv_dkv_compute=SPLASH_BLOCK,
         block_q_dq=SPLASH_BLOCK, block_kv_dq=SPLASH_BLOCK,
     )  # fmt: skip
+    # `residual_checkpoint_name`: the kernel's forward names the two residuals its backward reads
+    # (its output and the per-row logsumexp) so that a `jax.checkpoint` policy saving `name`
+    # keeps them, and the backward runs the dq / dkv kernels without rerunning the forward one.
     return sa.make_splash_mha(
-        mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret
-    )
+        mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret,
+        residual_checkpoint_name=name,
+    )  # fmt: skip
 
 
 def _shard_axes(mesh, batch: int) -> tuple[str, ...]:
@@ -90,8 +94,16 @@ def _shard_axes(mesh, batch: int) -> tuple[str, ...]:
     return axes
 
 
-def splash_attention(q: Array, k: Array, v: Array, *, scale: float) -> Array:
+def splash_attention(
+    q: Array, k: Array, v: Array, *, scale: float, name: str | None = None
+) -> Array:
     """Splash attention on (B, N, heads, head_dim) inputs; the result matches the `xla` path.
+
+    `name`: the `checkpoint_name` of what the backward needs from the forward. It names the
+    kernel's own residuals (its padded (heads, N_pad, head_dim) output and (heads, N_pad)
+    float32 logsumexp), not the returned array: under a remat policy saving `name` those two are
+    kept and the result is re-sliced from them, where naming the result would keep it but still
+    rerun the forward kernel for the residuals.
 
     Each device runs the kernel on its own part of the batch (`jax.shard_map` over the batch mesh
     axes, heads whole); the kernel itself takes one example's (heads, N, head_dim) and is
@@ -107,7 +119,7 @@ def splash_attention(q: Array, k: Array, v: Array, *, scale: float) -> Array:
     interpret = device_platform() != "tpu"
 
     def local(q, k, v):
-        return jax.vmap(_splash_kernel(n, n_pad, h, interpret))(q, k, v)
+        return jax.vmap(_splash_kernel(n, n_pad, h, interpret, name))(q, k, v)
 
     mesh = jax.sharding.get_abstract_mesh()
     # Mesh axes not yet manual (all of them, unless the model is called inside a shard_map).

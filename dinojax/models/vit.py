@@ -214,16 +214,24 @@ def _padded_fused_attention(q, k, v, scale, implementation):
     return out[:, :n]
 
 
-def dot_product_attention(q, k, v, *, scale: float, implementation: str = "xla") -> Array:
+def dot_product_attention(
+    q, k, v, *, scale: float, implementation: str = "xla", name: str | None = None
+) -> Array:
     """One entry point for attention: `xla` (float32 einsums, parity), fused `cudnn` (bf16 GPU),
-    the Pallas `splash` kernel (TPU) or `auto` (the device's own; `dinojax.models.attention`)."""
+    the Pallas `splash` kernel (TPU) or `auto` (the device's own; `dinojax.models.attention`).
+
+    `name`: the `checkpoint_name` a remat policy saves the attention output under. The einsum
+    paths name their output; splash names its kernel's residuals (output and logsumexp), which
+    its backward reads, so the policy keeps those instead and the forward kernel is not rerun."""
     implementation = attention_impl.resolve(implementation, q.dtype)
-    if implementation == "cudnn":
-        return _padded_fused_attention(q, k, v, scale, "cudnn")
     if implementation == "splash":
-        return attention_impl.splash_attention(q, k, v, scale=scale)
-    probs = attention_probs(q, k, scale)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+        return attention_impl.splash_attention(q, k, v, scale=scale, name=name)
+    if implementation == "cudnn":
+        out = _padded_fused_attention(q, k, v, scale, "cudnn")
+    else:
+        probs = attention_probs(q, k, scale)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+    return out if name is None else checkpoint_name(out, name)
 
 
 def _qkv(p: dict, x: Array, cfg: ViTConfig, dtype):
@@ -238,8 +246,10 @@ def _qkv(p: dict, x: Array, cfg: ViTConfig, dtype):
 def _attention(p: dict, x: Array, cfg: ViTConfig, dtype) -> Array:
     b, n, d = x.shape
     q, k, v = _qkv(p, x, cfg, dtype)
-    o = dot_product_attention(q, k, v, scale=cfg.head_dim**-0.5, implementation=cfg.attention)
-    o = checkpoint_name(o.reshape(b, n, d), "attn_out")
+    o = dot_product_attention(
+        q, k, v, scale=cfg.head_dim**-0.5, implementation=cfg.attention, name="attn_out"
+    )
+    o = o.reshape(b, n, d)
     return _dense(p["proj"], o, dtype)
 
 
@@ -316,6 +326,9 @@ def block_forward(
     return with_logical_constraint(x, ("batch", None, None))
 
 
+# With `attention="splash"`, "attn_out" names the kernel's residuals (output and logsumexp), so
+# the qkv_attn policies keep what its backward reads; `full` and `dots` recompute the forward
+# kernel, as they recompute the `xla` path's (batched, hence unsaved by `dots`) einsums.
 _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,

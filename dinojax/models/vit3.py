@@ -192,8 +192,10 @@ def _qkv(p: dict, x: Array, cfg: DinoV3Config, dtype, rope):
 def _attention(p: dict, x: Array, cfg: DinoV3Config, dtype, rope) -> Array:
     b, n, d = x.shape
     q, k, v = _qkv(p, x, cfg, dtype, rope)
-    o = dot_product_attention(q, k, v, scale=cfg.head_dim**-0.5, implementation=cfg.attention)
-    o = checkpoint_name(o.reshape(b, n, d), "attn_out")
+    o = dot_product_attention(
+        q, k, v, scale=cfg.head_dim**-0.5, implementation=cfg.attention, name="attn_out"
+    )
+    o = o.reshape(b, n, d)
     return _dense(p["proj"], o, dtype)
 
 

@@ -5,6 +5,7 @@ config overrides, remat policies (same outputs and gradients) and drop path (fac
 
 from __future__ import annotations
 
+import math
 import re
 
 import jax
@@ -202,7 +203,10 @@ def test_remat_policies_decide_what_the_scan_saves(capsys):
         jax.ad_checkpoint.print_saved_residuals(loss, state)
         lines = capsys.readouterr().out.splitlines()
         shapes = [re.match(r"^f32\[([\d,]*)\] output of scan", line) for line in lines]
-        return sorted(tuple(int(v) for v in m.group(1).split(",")) for m in shapes if m)
+        dims = [[int(v) for v in m.group(1).split(",")] for m in shapes if m]
+        # (depth, b, n, width): "attn_out" is named on the (b, n, heads, head_dim) attention
+        # output, before the reshape to (b, n, D)
+        return sorted((*s[:3], math.prod(s[3:])) for s in dims)
 
     def per_layer(*widths):
         return sorted((depth, b, n, w) for w in widths)
