@@ -861,16 +861,27 @@ def summary(rec: Mapping[str, Any]) -> str:
 
 
 def not_fit_hint(rec: Mapping[str, Any]) -> str:
-    # Temporaries grow about linearly with the per-chip batch; the state does not.
+    # Temporaries grow about linearly with the per-chip batch; the state does not. 5% margin
+    # (the arena is not exactly linear), and always below the batch that was refused.
     room = rec["hbm_bytes_per_chip"] - (rec["peak_bytes_per_chip"] - rec["temp_bytes"])
-    est = rec["per_chip_batch"] * room / max(rec["temp_bytes"], 1)
-    hint = f"a per-chip batch of about {est:.0f} or less (--config.batch_size)"
+    per_chip = rec["per_chip_batch"]
+    est = min(
+        math.floor(0.95 * per_chip * room / max(rec["temp_bytes"], 1)), math.ceil(per_chip) - 1
+    )
+    if est >= 1:
+        hint = (
+            f"a per-chip batch of about {est} or less (--config.batch_size={est * rec['chips']}; "
+            "`--sweep` finds the largest)"
+        )
+    else:
+        hint = "a larger slice (not even one image per chip fits)"
     if rec["remat_policy"] != "full":
         remat = "--config.model.overrides.remat_policy=full"
         hint = f"{remat}, or {hint}" if est >= 1 else remat
     return (
         f"does not fit: peak {rec['peak_bytes_per_chip'] / GIB:.2f} GiB per chip > HBM "
-        f"{rec['hbm_bytes_per_chip'] / GIB:.0f} GiB on {_where(rec)}; try {hint}"
+        f"{rec['hbm_bytes_per_chip'] / GIB:.0f} GiB on {_where(rec)} with remat "
+        f"{rec['remat_policy']} and {per_chip:g} images per chip; try {hint}"
     )
 
 

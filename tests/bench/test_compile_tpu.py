@@ -427,3 +427,22 @@ def test_two_slices_only_reductions_cross(two_slices):
         if a is not None
     }
     assert mesh_axes_used == {"fsdp"}, mesh_axes_used
+
+
+def test_not_fit_hint_names_a_smaller_batch_and_the_remat_policy():
+    """The hint for a refused program: a per-chip batch below the refused one (the ViT-L/14 recipe
+    on v5e-64 was refused at 48 per chip with 15.79 GiB of temporaries, and the old estimate
+    said 'about 48'), and full remat first when another policy was used."""
+    gib = 2**30
+    rec = {
+        "hbm_bytes_per_chip": 16 * gib, "peak_bytes_per_chip": 16.0 * gib,
+        "temp_bytes": 15.79 * gib, "per_chip_batch": 48.0, "chips": 64, "remat_policy": "full",
+        "topology": "v5e-64", "num_slices": 1,
+    }  # fmt: skip
+    hint = ct.not_fit_hint(rec)
+    assert "peak 16.00 GiB per chip > HBM 16 GiB on v5e-64 with remat full and 48 images" in hint
+    assert "about 45 or less (--config.batch_size=2880" in hint
+    none = ct.not_fit_hint({**rec, "remat_policy": "none"})
+    assert "try --config.model.overrides.remat_policy=full, or a per-chip batch" in none
+    tiny = ct.not_fit_hint({**rec, "per_chip_batch": 1.0, "temp_bytes": 40.0 * gib})
+    assert tiny.endswith("try a larger slice (not even one image per chip fits)")
