@@ -761,9 +761,7 @@ def compile_for_slice(config, slice_name: str, num_slices: int = 1) -> dict[str,
     # the shards: above the global bound the nominal count uses).
     groups = ssl_step.n_batch_shards(config, mesh)
     buffer = int(batch["mask_indices"].shape[0]) if "mask_indices" in batch else None
-    executed = dict(
-        setup=setup, executed=True, drop_groups=groups, remat=ov.get("remat_policy") == "full"
-    )
+    executed = dict(setup=setup, executed=True, drop_groups=groups, remat=_counted_remat(ov))
     kernel_flops = 0.0
     if attention == "splash":
         kernel_flops = ssl_step.attention_flops_per_step(config, **executed) / n_dev
@@ -786,6 +784,7 @@ def compile_for_slice(config, slice_name: str, num_slices: int = 1) -> dict[str,
         "local_crops": [int(config.data.local_crops_number), int(config.data.local_crops_size)],
         "mask_buffer": int(batch["mask_indices"].shape[0]) if "mask_indices" in batch else 0,
         "remat_policy": ov.get("remat_policy", "none"),
+        "remat_recompute_counted": _counted_remat(ov) == ov.get("remat_policy", "none"),
         "attention": attention,
         "attention_setting": ov.get("attention", "xla"),
         "attention_kernel_flops_per_chip": kernel_flops,
@@ -885,6 +884,15 @@ def not_fit_hint(rec: Mapping[str, Any]) -> str:
     )
 
 
+def _counted_remat(overrides) -> str:
+    """The remat policy whose recompute the executed count adds ("none" where the policy's
+    recompute is not modelled: `dinojax.ssl.step.REMAT_RECOMPUTE`)."""
+    from dinojax.ssl.step import REMAT_RECOMPUTE
+
+    policy = overrides.get("remat_policy", "none")
+    return policy if policy in REMAT_RECOMPUTE else "none"
+
+
 def public(rec: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in rec.items() if not k.startswith("_")}
 
@@ -943,7 +951,7 @@ def analytic_counts(rec: Mapping[str, Any]) -> dict[str, float]:
     n = rec["devices"]
     executed = ssl_step.flops_per_step(
         config, rec.get("mask_buffer") or None, executed=True, drop_groups=groups,
-        remat=rec["remat_policy"] == "full",
+        remat=_counted_remat(config.model.overrides),
     )  # fmt: skip
     return {
         "analytic_flops_per_chip": ssl_step.flops_per_step(config) / n,

@@ -617,14 +617,49 @@ def _block_share(vit: ViTConfig, batch: int, drop_groups: int) -> float:
     return sum(shares) / len(shares)
 
 
-def _executed_args(executed: bool, drop_groups: int, remat: bool) -> None:
-    if not executed and (drop_groups != 1 or remat):
+# What each remat policy (`dinojax.models.vit._REMAT`) recomputes of a block's forward matmuls in
+# the backward pass, on the einsum attention path: `full` all of it; `qkv_attn` keeps the qkv
+# projection and the attention output, so it reruns the output projection (LayerScale and the
+# second norm read its result), the MLP and QK^T (the softmax's backward reads the
+# probabilities); `dots` keeps every matmul without batch dimensions (the linear layers) and
+# reruns both attention einsums. `qkv_attn_mlp` is not modelled.
+REMAT_RECOMPUTE = {
+    "none": (),
+    "full": ("qkv", "proj", "mlp", "qk", "av"),
+    "qkv_attn": ("proj", "mlp", "qk"),
+    "dots": ("qk", "av"),
+}
+
+
+def _remat_policy(remat: bool | str) -> str:
+    policy = {True: "full", False: "none"}.get(remat, remat) if isinstance(remat, bool) else remat
+    if policy not in REMAT_RECOMPUTE:
+        raise ValueError(
+            f"the recompute of remat policy {policy!r} is not modelled; "
+            f"known: {sorted(REMAT_RECOMPUTE)}"
+        )
+    return policy
+
+
+def _recompute_share(vit: ViTConfig, img: int, policy: str) -> float:
+    """Share of the blocks' forward matmuls (per image at `img` pixels) that `policy` reruns."""
+    d, n = vit.embed_dim, (img // vit.patch_size) ** 2 + 1 + vit.num_register_tokens
+    mlp = 6 * n * d * vit.ffn_hidden_dim if vit.ffn_layer == "swiglu" else 16 * n * d * d
+    parts = {"qkv": 6 * n * d * d, "proj": 2 * n * d * d, "mlp": mlp}
+    parts.update(qk=2 * n * n * d, av=2 * n * n * d)
+    return sum(parts[k] for k in REMAT_RECOMPUTE[policy]) / sum(parts.values())
+
+
+def _executed_args(executed: bool, drop_groups: int, remat: bool | str) -> str:
+    policy = _remat_policy(remat)
+    if not executed and (drop_groups != 1 or policy != "none"):
         raise ValueError(
             f"drop_groups={drop_groups} / remat={remat} describe the executed count; "
             "pass executed=True (the nominal count runs every block on the whole batch)"
         )
     if drop_groups < 1:
         raise ValueError(f"drop_groups must be >= 1, got {drop_groups}")
+    return policy
 
 
 def _head_flops(config, d: int, ibot: bool) -> float:
@@ -648,7 +683,7 @@ def flops_per_step(
     setup: StepSetup | None = None,
     executed: bool = False,
     drop_groups: int = 1,
-    remat: bool = False,
+    remat: bool | str = False,
 ) -> float:
     """Analytic training FLOPs of one step on the global batch (MaxText-style MFU accounting).
 
@@ -662,11 +697,11 @@ def flops_per_step(
     stochastic depth (v2 recipes with `drop_path_rate` > 0.1) runs the student's residual
     branches, forward and backward, on a subset of each of the step's `drop_groups` per-device
     groups (`n_batch_shards`; 60% for a rate of 0.4); the patch embedding has no input gradient
-    (the images need none); with `remat`, the student's blocks run forward once more in the
-    backward pass (`remat_policy="full"`; the other policies recompute part of it, which is not
-    modelled).
+    (the images need none); `remat` (a remat policy name; True is "full") adds what the policy
+    reruns of the student's blocks' forward in the backward pass (`REMAT_RECOMPUTE`: all of it
+    for "full").
     """
-    _executed_args(executed, drop_groups, remat)
+    policy = _executed_args(executed, drop_groups, remat)
     setup = _setup_for(config, setup)
     vit = setup.vit
     b = int(config.batch_size)
@@ -683,8 +718,10 @@ def flops_per_step(
     extra = 0.0
     if executed:
         extra -= patch  # no input gradient
-        if remat:  # the blocks only: the patch embedding and the heads are not checkpointed
-            extra += student_bb - patch
+        # the blocks only: the patch embedding and the heads are not checkpointed
+        for n, size, share in ((2, g_size, g_share), (nl, l_size, l_share)):
+            blocks = _vit_forward_flops(vit, size, share) - _vit_forward_flops(vit, size, 0.0)
+            extra += n * b * blocks * _recompute_share(vit, size, policy)
     teacher_bb = 2 * b * _vit_forward_flops(vit, g_size)
     dino_head = _head_flops(config, vit.embed_dim, ibot=False)
     if setup.do_ibot and mask_upper_bound is None:
@@ -706,7 +743,7 @@ def attention_flops_per_step(
     setup: StepSetup | None = None,
     executed: bool = False,
     drop_groups: int = 1,
-    remat: bool = False,
+    remat: bool | str = False,
 ) -> float:
     """The attention matmuls (QK^T, AV) inside `flops_per_step`: the share a Pallas kernel
     (`attention="splash"`) computes out of XLA's sight, as `cost_analysis` counts a Pallas call
@@ -714,8 +751,10 @@ def attention_flops_per_step(
     the 2B global and n_local*B local crops, teacher 1x over the 2B global crops; the kernel's own
     recomputation in its backward pass is not counted. `executed`, `drop_groups`, `remat`: as in
     `flops_per_step` (the student's attention on the batch subset only; its forward once more,
-    recomputed under full remat)."""
-    _executed_args(executed, drop_groups, remat)
+    rerun under the "full" and "dots" policies; "qkv_attn*" keep the kernel's residuals)."""
+    # the kernel's reruns: the qkv_attn* policies keep its residuals (none), full / dots rerun it
+    kernel = "none" if remat == "qkv_attn_mlp" else remat
+    policy = _executed_args(executed, drop_groups, kernel)
     setup = _setup_for(config, setup)
     vit = setup.vit
     b, nl = int(config.batch_size), int(config.data.local_crops_number)
@@ -723,7 +762,7 @@ def attention_flops_per_step(
     loc = _attention_forward_flops(vit, int(config.data.local_crops_size))
     g_share, l_share = (_block_share(vit, n * b, drop_groups) if executed else 1.0 for n in (2, nl))
     student = 2 * b * g * g_share + nl * b * loc * l_share
-    return float((4 if executed and remat else 3) * student + 2 * b * g)
+    return float((4 if policy in ("full", "dots") else 3) * student + 2 * b * g)
 
 
 def state_summary(state: Mapping) -> dict[str, int]:

@@ -683,6 +683,27 @@ def test_flops_per_step_counts_what_the_step_executes():
     assert flops_per_step(c, executed=True, drop_groups=groups, remat=True) == pytest.approx(
         executed + recompute, rel=1e-12
     )
+
+    # partial remat: qkv_attn reruns the output projection, the MLP and QK^T (measured on the
+    # ViT-g/14 recipe compiled for v5p-256: XLA's matmuls x1.00000003 of this count), dots the
+    # two attention einsums; a policy whose recompute is not modelled is an error
+    def share(n_patch, keys):
+        n = n_patch + 1
+        parts = dict(qkv=6 * n * d * d, proj=2 * n * d * d, mlp=16 * n * d * d)
+        parts.update(qk=2 * n * n * d, av=2 * n * n * d)
+        return sum(parts[k] for k in keys) / sum(parts.values())
+
+    for policy, keys in (("qkv_attn", ("proj", "mlp", "qk")), ("dots", ("qk", "av"))):
+        rerun = 2 * b * blocks(196) * g_share * share(196, keys)
+        rerun += 8 * b * blocks(36) * l_share * share(36, keys)
+        got = flops_per_step(c, executed=True, drop_groups=groups, remat=policy)
+        assert got == pytest.approx(executed + rerun, rel=1e-12), policy
+    with pytest.raises(ValueError, match="'qkv_attn_mlp' is not modelled"):
+        flops_per_step(c, executed=True, drop_groups=groups, remat="qkv_attn_mlp")
+    # the kernel keeps its residuals under qkv_attn*: no rerun credited
+    assert attention_flops_per_step(
+        c, executed=True, drop_groups=groups, remat="qkv_attn_mlp"
+    ) == attention_flops_per_step(c, executed=True, drop_groups=groups)
     # the attention matmuls alone, likewise (what a Pallas kernel is credited with)
     att = lambda n: depth * 4 * (n + 1) ** 2 * d  # noqa: E731
     student = 2 * b * att(196) * g_share + 8 * b * att(36) * l_share
