@@ -2,7 +2,8 @@
 
     python bench/tpu_table.py --label table-final [--utilisation 0.4] [--jsonl FILE]
 
-One markdown row per record with that label, in the file's order. The projected step time is a
+One markdown row per record with one of those labels: label by label in the order of the flags,
+each label's records in the file's order. The projected step time is a
 separately labelled column: XLA's FLOPs per chip (what the program executes, recompute included)
 divided by the chip's dense bf16 peak times the stated utilisation. It is arithmetic on a
 compiled program, not a measurement: nothing here ran on a TPU.
@@ -106,7 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     if not 0 < args.utilisation <= 1:
         ap.error(f"--utilisation must be in (0, 1], got {args.utilisation}")
     recs = [json.loads(line) for line in Path(args.jsonl).read_text().splitlines() if line.strip()]
-    recs = [r for r in recs if r.get("label") in args.label]
+    # label by label, as the flags name them: a later round of one group appends to the file
+    # after other groups, yet belongs beside its own
+    recs = [r for label in dict.fromkeys(args.label) for r in recs if r.get("label") == label]
     if not recs:
         print(f"error: no record in {args.jsonl} has label {args.label}", file=sys.stderr)
         sys.exit(1)

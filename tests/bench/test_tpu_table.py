@@ -63,6 +63,16 @@ def test_cli_selects_labels_and_rejects_unknown(tmp_path, capsys):
     t.main(["--jsonl", str(f), "--label", "b"])
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 3 and "(64)" in out[2]
+    # rows come label by label in the order of the flags (file order inside a label)
+    with f.open("a") as fh:
+        fh.write(json.dumps(_rec(label="a", chips=32)) + "\n")
+    t.main(["--jsonl", str(f), "--label", "b", "--label", "a", "--label", "b"])
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert [r.split("|")[2].strip() for r in rows] == [
+        "v5p-256 (64)",
+        "v5p-256 (128)",
+        "v5p-256 (32)",
+    ], rows
     with pytest.raises(SystemExit):
         t.main(["--jsonl", str(f), "--label", "zzz"])
     assert "no record" in capsys.readouterr().err
