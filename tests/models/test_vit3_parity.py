@@ -44,6 +44,7 @@ from dinojax.models.vit3 import (
     rope_periods,
     rope_sincos,
 )
+from dinojax.sharding import make_mesh
 
 transformers = pytest.importorskip("transformers")
 from transformers import DINOv3ViTConfig, DINOv3ViTModel  # noqa: E402
@@ -118,6 +119,9 @@ def hf_reference(cfg, seed: int = 0) -> DINOv3ViTModel:
     return model
 
 
+ONE_DEVICE = make_mesh((1, 1), devices=jax.devices()[:1])
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """(name, depth) -> (HF reference, JAX model loaded through convert + dinojax.load)."""
@@ -135,7 +139,10 @@ def converted(tmp_path_factory):
                       str(d / "model.safetensors"))  # fmt: skip
             (d / "config.json").write_text(ref.config.to_json_string())
             convert(d / "model.safetensors", d / "ckpt")
-            cache[name, depth] = (ref, dinojax.load(d / "ckpt"))
+            # One device: numerics only (the sharded load equals the one-device load in
+            # tests/convert/test_sharded_load.py); on the 8 simulated devices a batch of 1 runs
+            # replicated, 8 times over on 2 cores.
+            cache[name, depth] = (ref, dinojax.load(d / "ckpt", mesh=ONE_DEVICE))
         return cache[name, depth]
 
     return get

@@ -58,6 +58,7 @@ from dinojax.convert.backbone import from_official
 from dinojax.convert.checkpoint import convert
 from dinojax.models.config import get_config
 from dinojax.models.vit import DinoVisionTransformer, interpolate_pos_encoding
+from dinojax.sharding import make_mesh
 
 ATOL = 1e-4  # small-model API tests (block order, `model(x)`): bit-for-bit semantics, not rounding
 # Max |JAX - torch| per output. In the comments: the largest over all 51 cases
@@ -117,6 +118,9 @@ def _reference(name, cfg, seed=1):
     return official_hub_vit(name, seed, depth=cfg.depth if reduced else None)
 
 
+ONE_DEVICE = make_mesh((1, 1), devices=jax.devices()[:1])
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """arch -> (torch reference, JAX model loaded through the converter, checkpoint dir).
@@ -144,7 +148,11 @@ def converted(tmp_path_factory):
             convert(src, d / "ckpt", arch=arch)
             src.unlink()
             dirs[name] = d / "ckpt"
-        model = dinojax.load(dirs[name])
+        # One device: this module checks numerics against the reference, and the 8 simulated
+        # devices would each replicate a batch of 1-2 (ViT-B/8 at 518x518: 16-23 GB and over 10
+        # minutes instead of about 1 GB); the sharded load's equality to the one-device load is
+        # `tests/convert/test_sharded_load.py`'s.
+        model = dinojax.load(dirs[name], mesh=ONE_DEVICE)
         assert model.cfg.num_register_tokens == cfg.num_register_tokens
         assert model.cfg.family == cfg.family and model.cfg.depth == cfg.depth
         cache.clear()
@@ -251,7 +259,7 @@ def test_tolerances_catch_a_layernorm_eps_mistake(converted):
     intermediate 2.3e-5 (TOL 8e-6, 1.2e-5, 2.7e-5, 1.2e-5)."""
     ref, _, ckpt = converted("dino_vits16")
     cfg = get_config("dino_vits16")
-    wrong = dinojax.load(ckpt, layernorm_eps=1e-5)
+    wrong = dinojax.load(ckpt, mesh=ONE_DEVICE, layernorm_eps=1e-5)
     x, xj = _inputs()
     t = torch_outputs(ref, cfg, x, None, api=False)
     with jax.default_matmul_precision("highest"):
@@ -266,7 +274,7 @@ def test_tolerances_catch_a_layernorm_eps_mistake(converted):
 def test_bfloat16_compute_matches_float32_reference(converted, name):
     """dtype override at load: bf16 activations, float32 params; cosine >= 0.999 per token."""
     ref, _, ckpt = converted(name)
-    model = dinojax.load(ckpt, dtype="bfloat16")
+    model = dinojax.load(ckpt, mesh=ONE_DEVICE, dtype="bfloat16")
     cfg = model.cfg
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(model.params()))
     x = np.random.default_rng(5).standard_normal((2, 3, 224, 224), dtype=np.float32)
