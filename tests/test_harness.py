@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from conftest import CPU_COLLECTIVE_FLAGS
 
 
 def _alive(pid: int) -> bool:
@@ -53,3 +54,23 @@ def test_reserved_port_refuses_other_binds(reserve_port):
     with socket.socket() as s:  # the kernel's own choice avoids it too
         s.bind(("127.0.0.1", 0))
         assert s.getsockname()[1] != port
+
+
+def test_collective_timeout_flags_reach_xla(children):
+    """This session and the child processes of the tests run with XLA's CPU collective timeout
+    raised (conftest.py says why): XLA accepts the flags (a misspelt one is a fatal error at start)
+    and an 8-device all-reduce runs under them."""
+    assert CPU_COLLECTIVE_FLAGS in os.environ["XLA_FLAGS"]
+    code = (
+        "import jax, numpy as np; jax.config.update('jax_num_cpu_devices', 8); "
+        "from jax.sharding import NamedSharding, PartitionSpec as P; "
+        "mesh = jax.make_mesh((8,), ('d',)); "
+        "x = jax.device_put(np.arange(8.0, dtype=np.float32), NamedSharding(mesh, P('d'))); "
+        "print('SUM', float(jax.jit(jax.shard_map(lambda v: jax.lax.psum(v, 'd'), mesh=mesh, "
+        "in_specs=P('d'), out_specs=P()))(x)[0]))"
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=CPU_COLLECTIVE_FLAGS)
+    out = children.run([sys.executable, "-c", code], env=env, text=True,
+                       timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "SUM 28.0" in out.stdout

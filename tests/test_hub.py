@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CPU_COLLECTIVE_FLAGS
 
 from dinojax import hub
 from dinojax.convert.backbone import to_official
@@ -464,7 +465,7 @@ def _digest(sd: dict) -> str:
 def _env(cache: Path, server: Server) -> dict:
     e = dict(os.environ, DINOJAX_HOME=str(cache), DINOJAX_WEIGHTS_URL=server.url)
     e.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
-    e.pop("XLA_FLAGS", None)
+    e["XLA_FLAGS"] = CPU_COLLECTIVE_FLAGS  # not the caller's own flags
     return e
 
 

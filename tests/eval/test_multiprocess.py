@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import CPU_COLLECTIVE_FLAGS
 
 from dinojax.data.sources import DigitsSource
 
@@ -27,7 +28,7 @@ def test_two_processes_equal_one(tmp_path, tiny_checkpoint, children, reserve_po
 
     port = reserve_port()  # held until the test ends; process 0's coordinator binds it too
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="4", TF_CPP_MIN_LOG_LEVEL="3")
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = CPU_COLLECTIVE_FLAGS  # not the caller's own flags
     root = Path(__file__).resolve().parents[2]
     procs = [
         children.popen(

@@ -10,6 +10,7 @@ import os
 import sys
 
 import pytest
+from conftest import CPU_COLLECTIVE_FLAGS
 from train_configs import ROOT, tiny_config
 
 from dinojax.ssl import step as ssl_step
@@ -18,7 +19,7 @@ from dinojax.ssl import step as ssl_step
 def test_train_step_benchmark_runs_and_reports_consistent_figures(tmp_path, children):
     out = tmp_path / "train_step.jsonl"
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="2", TF_CPP_MIN_LOG_LEVEL="3")
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = CPU_COLLECTIVE_FLAGS  # not the caller's own flags
     cmd = [sys.executable, "bench/train_step.py", "--config", "tests/train/tiny_recipe.py:dinov2",
            "--config.mesh.shape=(1,-1)", "--steps", "2", "--warmup", "0", "--peak_flops", "1e12",
            "--out", str(out), "--label", "ci"]  # fmt: skip

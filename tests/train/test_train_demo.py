@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import CPU_COLLECTIVE_FLAGS
 
 from dinojax.train.trainer import train
 
@@ -32,7 +33,7 @@ def _top1(result, step: int) -> float:
 
 def _train_py(children, *args: str, devices: int = 8) -> subprocess.CompletedProcess:
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices))
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = CPU_COLLECTIVE_FLAGS  # not the caller's own flags
     return children.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, text=True,
                         timeout=900)  # fmt: skip
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import CPU_COLLECTIVE_FLAGS
 
 from dinojax.train.checkpoint import Checkpointer
 
@@ -29,7 +30,7 @@ DINOV2 = "tests/train/tiny_recipe.py:dinov2"
 def _env(devices: int) -> dict[str, str]:
     env = dict(os.environ)
     env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), TF_CPP_MIN_LOG_LEVEL="3")
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = CPU_COLLECTIVE_FLAGS  # not the caller's own flags
     return env
 
 
