@@ -14,16 +14,9 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-# XLA's CPU collectives abort the whole process (SIGABRT, exit 134) when the simulated devices do
-# not all reach a collective within 40 s of the first one (`xla_cpu_collective_call_terminate_
-# timeout_seconds`, XLA's `debug_options_flags.cc`). On 2 cores the 8 device threads run largely one
-# after another, so a heavy sharded step lags that long on a loaded runner: CI aborted so in
-# tests/ssl/test_step.py ("only 1 of 8 threads arrived on time"). A real deadlock still ends, at
-# this timeout, with XLA's message naming the collective. Child processes get the same flags.
-CPU_COLLECTIVE_FLAGS = (
-    "--xla_cpu_collective_call_terminate_timeout_seconds=1200"
-    " --xla_cpu_collective_call_warn_stuck_timeout_seconds=600"
-)
+from cpu_flags import CPU_COLLECTIVE_FLAGS  # tests/ is on the pythonpath (pyproject.toml)
+
+# Raised collective timeouts (cpu_flags.py says why); child processes get the same flags.
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_COLLECTIVE_FLAGS}".strip()
 # Before JAX is imported, and inherited by subprocess tests: with libtpu installed (the `test`
 # extra, for bench/compile_tpu.py's deviceless TPU compiles) JAX would otherwise try the TPU first.

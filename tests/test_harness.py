@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import CPU_COLLECTIVE_FLAGS
+from cpu_flags import CPU_COLLECTIVE_FLAGS
 
 
 def _alive(pid: int) -> bool:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CPU_COLLECTIVE_FLAGS
+from cpu_flags import CPU_COLLECTIVE_FLAGS
 
 from dinojax import hub
 from dinojax.convert.backbone import to_official

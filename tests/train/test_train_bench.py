@@ -10,7 +10,7 @@ import os
 import sys
 
 import pytest
-from conftest import CPU_COLLECTIVE_FLAGS
+from cpu_flags import CPU_COLLECTIVE_FLAGS
 from train_configs import ROOT, tiny_config
 
 from dinojax.ssl import step as ssl_step

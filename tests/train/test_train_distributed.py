@@ -18,7 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import CPU_COLLECTIVE_FLAGS
+from cpu_flags import CPU_COLLECTIVE_FLAGS
 
 from dinojax.train.checkpoint import Checkpointer
 

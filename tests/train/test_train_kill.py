@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CPU_COLLECTIVE_FLAGS
+from cpu_flags import CPU_COLLECTIVE_FLAGS
 
 ROOT = Path(__file__).resolve().parents[2]
 
